@@ -1,0 +1,378 @@
+"""Shared pieces of every datamodule: indexed datasets and the :class:`MIADataModule` base.
+
+Every item is ``(x, y, index)``: ``x`` a float32 tensor ``(C, H, W)``, ``y`` and ``index`` int64 scalar
+tensors. ``index`` is the sample's position in its *original* split (the full train split or the full
+held-out split), also when the datamodule trains on a subset, so audit samples always trace back to the
+file they came from and padded DistributedSampler duplicates can be removed by index.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+__all__ = [
+    "CorruptDataError",
+    "IndexedDataset",
+    "IndexedTensorDataset",
+    "MIADataModule",
+    "MissingDataError",
+    "seeded_subset",
+]
+
+# A train-time transform takes one image (C, H, W) and a generator that supplies all its randomness.
+Transform = Callable[..., torch.Tensor]
+PathLike = Union[str, Path]
+
+
+class MissingDataError(FileNotFoundError):
+    """A data file the datamodule needs is not there; the message says how to get it."""
+
+
+class CorruptDataError(ValueError):
+    """A data file exists but its content is not what the format promises; the message names it."""
+
+
+def _to_image_tensor(x: Any) -> torch.Tensor:
+    """Convert one image to float32 (C, H, W); uint8 is scaled to [0, 1] like torchvision's ToTensor."""
+    if not isinstance(x, (torch.Tensor, np.ndarray)) and hasattr(x, "getbands"):
+        # PIL image (only when the user wraps a torchvision dataset without transform): HWC -> CHW.
+        arr = np.array(x, copy=True)
+        x = torch.from_numpy(arr)
+        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+    x = torch.as_tensor(x)
+    if x.dtype == torch.uint8:
+        x = x.to(torch.float32) / 255.0
+    else:
+        x = x.to(torch.float32)
+    if x.ndim == 2:  # a single-channel image stored as (H, W)
+        x = x.unsqueeze(0)
+    return x
+
+
+class IndexedDataset(Dataset):
+    """Wrap any map-style dataset of ``(x, y)`` items into ``(x, y, index)`` items.
+
+    ``x`` becomes a float32 tensor (a 2-D image gets a channel axis, uint8 is scaled to [0, 1]), ``y`` and
+    ``index`` int64 scalar tensors; ``index`` is the item's position in ``dataset``.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> ds = IndexedDataset(TensorDataset(torch.zeros(3, 1, 2, 2), torch.tensor([0, 1, 0])))
+        >>> x, y, i = ds[2]
+        >>> tuple(x.shape), int(y), int(i), i.dtype
+        ((1, 2, 2), 0, 2, torch.int64)
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+            raise TypeError(
+                f"IndexedDataset needs a map-style dataset (with __getitem__ and __len__), "
+                f"got {type(dataset).__name__}"
+            )
+        try:
+            len(dataset)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"IndexedDataset needs a dataset with __len__, got {type(dataset).__name__}") from None
+        self.dataset = dataset
+        if len(self) > 0:
+            self[0]  # fail at construction, not in the middle of an epoch, when items have the wrong form
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        item = self.dataset[index]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            what = f"a {type(item).__name__} of length {len(item)}" if isinstance(item, (tuple, list)) else (
+                f"a {type(item).__name__}"
+            )
+            hint = " (it looks already indexed)" if isinstance(item, (tuple, list)) and len(item) == 3 else ""
+            raise TypeError(f"IndexedDataset expects (x, y) items, but item {index} is {what}{hint}")
+        x, y = item
+        return _to_image_tensor(x), torch.as_tensor(y, dtype=torch.int64), torch.tensor(int(index), dtype=torch.int64)
+
+
+class IndexedTensorDataset(Dataset):
+    """An in-memory split whose items are ``(x, y, index)``.
+
+    ``data`` is ``(N, C, H, W)`` uint8 or float; an item is computed as
+    ``x = normalize(transform(data[i] * input_scale))``, i.e. the optional train-time ``transform`` sees the
+    image in [0, 1] (so zero padding means a black border, as in torchvision recipes) and the per-channel
+    normalisation comes last. Storing uint8 keeps CIFAR-10 at 150 MB instead of 600 MB.
+    ``indices`` (default ``arange(N)``) are what items report as their index.
+
+    The transform's randomness comes from a generator owned by the dataset: seeded with ``seed`` in the main
+    process, and with the worker seed (derived by the DataLoader from its seeded generator plus the worker id)
+    inside worker processes, so augmentation is reproducible for any ``num_workers``.
+
+    Example:
+        >>> import torch
+        >>> ds = IndexedTensorDataset(torch.full((4, 1, 2, 2), 255, dtype=torch.uint8), torch.arange(4),
+        ...                           indices=torch.tensor([10, 11, 12, 13]), mean=[0.5], std=[0.5])
+        >>> x, y, i = ds[1]
+        >>> x.flatten().tolist(), int(y), int(i)
+        ([1.0, 1.0, 1.0, 1.0], 1, 11)
+    """
+
+    def __init__(
+        self,
+        data: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        indices: Optional[torch.Tensor] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        input_scale: Optional[float] = None,
+        transform: Optional[Transform] = None,
+        seed: int = 0,
+    ) -> None:
+        data = torch.as_tensor(data)
+        targets = torch.as_tensor(targets).to(torch.int64).reshape(-1)
+        if data.ndim != 4:
+            raise ValueError(f"data must have shape (N, C, H, W), got {tuple(data.shape)}")
+        if targets.numel() != data.shape[0]:
+            raise ValueError(f"{data.shape[0]} images but {targets.numel()} targets")
+        if indices is None:
+            indices = torch.arange(data.shape[0])
+        indices = torch.as_tensor(indices).to(torch.int64).reshape(-1)
+        if indices.numel() != data.shape[0]:
+            raise ValueError(f"{data.shape[0]} images but {indices.numel()} indices")
+        channels = data.shape[1]
+        mean_t = torch.zeros(channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std_t = torch.ones(channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        if mean_t.numel() != channels or std_t.numel() != channels:
+            raise ValueError(f"mean/std need {channels} values (one per channel), got {mean_t.numel()}/{std_t.numel()}")
+        if input_scale is None:
+            input_scale = 1.0 / 255.0 if data.dtype == torch.uint8 else 1.0
+        self.data = data
+        self.targets = targets
+        self.indices = indices
+        self.mean = mean_t.reshape(channels, 1, 1)
+        self.std = std_t.reshape(channels, 1, 1)
+        self.input_scale = float(input_scale)
+        self.transform = transform
+        self.seed = int(seed)
+        self._generator: Optional[torch.Generator] = None
+        self._generator_key: Optional[int] = None
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def _rng(self) -> torch.Generator:
+        info = get_worker_info()
+        key = self.seed if info is None else int(info.seed)
+        if self._generator is None or self._generator_key != key:
+            self._generator = torch.Generator().manual_seed(key % (2**63))
+            self._generator_key = key
+        return self._generator
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.data[i].to(torch.float32) * self.input_scale
+        if self.transform is not None:
+            x = self.transform(x, generator=self._rng())
+        x = (x - self.mean) / self.std
+        return x, self.targets[i], self.indices[i]
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # Generators are per process; a worker builds its own from its worker seed.
+        state = self.__dict__.copy()
+        state["_generator"] = None
+        state["_generator_key"] = None
+        return state
+
+    @property
+    def input_shape(self) -> Tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape[1:])  # type: ignore[return-value]
+
+    def with_transform(self, transform: Optional[Transform], seed: Optional[int] = None) -> "IndexedTensorDataset":
+        """Same samples (storage shared), another train-time transform."""
+        return IndexedTensorDataset(
+            self.data, self.targets, indices=self.indices, mean=self.mean.flatten().tolist(),
+            std=self.std.flatten().tolist(), input_scale=self.input_scale, transform=transform,
+            seed=self.seed if seed is None else seed,
+        )
+
+    def subset(self, positions: Union[Sequence[int], torch.Tensor, np.ndarray]) -> "IndexedTensorDataset":
+        """The rows at ``positions`` (positions in this dataset); items keep their original ``index``."""
+        pos = torch.as_tensor(np.asarray(positions), dtype=torch.int64)
+        out = self.with_transform(self.transform)
+        out.data, out.targets, out.indices = self.data[pos], self.targets[pos], self.indices[pos]
+        return out
+
+    def tensors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All items at once, without the transform: ``(x (N,C,H,W) float32, y (N,), index (N,))``."""
+        x = (self.data.to(torch.float32) * self.input_scale - self.mean) / self.std
+        return x, self.targets.clone(), self.indices.clone()
+
+
+def seeded_subset(n_total: int, n: int, seed: int, stream: int) -> np.ndarray:
+    """``n`` distinct positions out of ``n_total``, drawn with ``seed``, returned sorted.
+
+    ``stream`` separates independent draws made from one user seed (split, train subset, held-out subset).
+    """
+    rng = np.random.default_rng([int(seed), int(stream)])
+    return np.sort(rng.choice(n_total, size=n, replace=False))
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
+
+
+# Seed streams so that one user seed gives independent draws for the different random choices.
+_STREAM_SPLIT, _STREAM_TRAIN_SUBSET, _STREAM_HELDOUT_SUBSET = 0, 1, 2
+
+
+class MIADataModule(pl.LightningDataModule):
+    """Base datamodule: a train split (members) and a held-out split (non-members), items ``(x, y, index)``.
+
+    Subclasses implement :meth:`_load_splits` (and optionally :meth:`_train_transform`); this class takes
+    care of subsets, data loaders and seeding.
+
+    Args:
+        batch_size: training (and, unless ``eval_batch_size`` is given, evaluation) batch size.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        seed: seeds the train shuffling, the augmentation, subsets and any random split.
+        train_subset: train on only this many samples of the train split, drawn at random with ``seed``
+            (sorted, so they keep the split's order). ``index`` stays the position in the *full* train split,
+            so audit indices trace back to the data files. :meth:`member_dataset` holds exactly these samples.
+        heldout_subset: likewise for the held-out split (validation/test and non-members).
+        eval_batch_size: batch size of the validation/test loaders (default: ``batch_size``).
+        pin_memory: passed to every DataLoader (useful when training on CUDA).
+
+    Attributes (final after :meth:`setup`): ``num_classes``, ``input_shape`` ``(C, H, W)``, ``class_names``.
+
+    Example:
+        >>> from lightning_mia.data import SyntheticDataModule
+        >>> dm = SyntheticDataModule(n_train=20, n_heldout=10, batch_size=8, train_subset=12)
+        >>> dm.setup("fit")
+        >>> x, y, index = next(iter(dm.train_dataloader()))
+        >>> tuple(x.shape), len(dm.member_dataset()), len(dm.nonmember_dataset())
+        ((8, 1, 8, 8), 12, 10)
+    """
+
+    num_classes: int
+    input_shape: Tuple[int, int, int]
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        train_subset: Optional[int] = None,
+        heldout_subset: Optional[int] = None,
+        eval_batch_size: Optional[int] = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        # Stored in checkpoints (``datamodule_hyper_parameters``) but not sent to the logger, so keys such as
+        # ``seed`` cannot clash with the LightningModule's hyperparameters when Lightning merges them.
+        self.save_hyperparameters(logger=False)
+        _check_int("batch_size", batch_size, 1)
+        _check_int("num_workers", num_workers, 0)
+        _check_int("seed", seed, 0)
+        _check_int("train_subset", train_subset, 1, allow_none=True)
+        _check_int("heldout_subset", heldout_subset, 1, allow_none=True)
+        _check_int("eval_batch_size", eval_batch_size, 1, allow_none=True)
+        if not isinstance(pin_memory, bool):
+            raise ValueError(f"pin_memory must be True or False, got {pin_memory!r}")
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.train_subset = train_subset
+        self.heldout_subset = heldout_subset
+        self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
+        self.pin_memory = pin_memory
+        self.class_names: List[str] = []
+        self._train: Optional[IndexedTensorDataset] = None
+        self._heldout: Optional[IndexedTensorDataset] = None
+
+    # --- to implement in subclasses -------------------------------------------------------------------
+    def _load_splits(self) -> Tuple[IndexedTensorDataset, IndexedTensorDataset]:
+        """Return the full (train, held-out) splits, without transforms."""
+        raise NotImplementedError
+
+    def _train_transform(self) -> Optional[Transform]:
+        """The train-time augmentation, or None."""
+        return None
+
+    # --- Lightning hooks ------------------------------------------------------------------------------
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Load both splits once (later calls are no-ops) and apply ``train_subset``/``heldout_subset``."""
+        if self._train is not None:
+            return
+        train, heldout = self._load_splits()
+        train = self._apply_subset(train, self.train_subset, "train_subset", "train", _STREAM_TRAIN_SUBSET)
+        heldout = self._apply_subset(heldout, self.heldout_subset, "heldout_subset", "held-out", _STREAM_HELDOUT_SUBSET)
+        self.input_shape = train.input_shape
+        if heldout.input_shape != train.input_shape:
+            raise CorruptDataError(
+                f"train images have shape {train.input_shape} but held-out images {heldout.input_shape}"
+            )
+        self._train, self._heldout = train, heldout
+
+    def _apply_subset(
+        self, split: IndexedTensorDataset, n: Optional[int], arg: str, what: str, stream: int
+    ) -> IndexedTensorDataset:
+        if n is None:
+            return split
+        if n > len(split):
+            raise ValueError(f"{arg}={n} exceeds the {len(split)} samples of the {what} split")
+        return split.subset(seeded_subset(len(split), n, self.seed, stream))
+
+    def _splits(self) -> Tuple[IndexedTensorDataset, IndexedTensorDataset]:
+        if self._train is None or self._heldout is None:
+            self.setup()
+        assert self._train is not None and self._heldout is not None
+        return self._train, self._heldout
+
+    def train_dataset(self) -> IndexedTensorDataset:
+        """The training split as trained on: with augmentation when configured."""
+        train, _ = self._splits()
+        return train.with_transform(self._train_transform(), seed=self.seed)
+
+    def member_dataset(self) -> IndexedTensorDataset:
+        """Every trained-on sample, without augmentation; items ``(x, y, index)``."""
+        return self._splits()[0]
+
+    def nonmember_dataset(self) -> IndexedTensorDataset:
+        """The held-out split (never trained on), without augmentation; items ``(x, y, index)``."""
+        return self._splits()[1]
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            # Keep workers (and their augmentation generators) alive across epochs instead of re-forking.
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled with a generator seeded by ``seed`` (a new order each epoch, the same every run)."""
+        return self._loader(self.train_dataset(), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """The held-out split, in order."""
+        return self._loader(self.nonmember_dataset(), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out split, in order (same as validation: there is no third split)."""
+        return self._loader(self.nonmember_dataset(), self.eval_batch_size, shuffle=False)
+
+
+def _default_class_names(num_classes: int) -> List[str]:
+    return [str(i) for i in range(num_classes)]
