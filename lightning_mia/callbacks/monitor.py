@@ -1,0 +1,428 @@
+"""``MembershipInferenceMonitor``: a live membership-inference audit, every N epochs, while the model trains."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_mia.callbacks.paths import mia_dir
+from lightning_mia.audit import DEFAULT_RATIO, AuditPool, make_audit_pool, validate_audit_pool
+from lightning_mia.extraction import concat_arrays, extract_pass
+from lightning_mia.pipeline import audit_arrays, target_metrics
+from lightning_mia.registry import parse_spec
+from lightning_mia.report.history import append_rows, atomic_write_text, truncate_history
+
+Spec = Union[str, Dict[str, Any]]
+SLICES = ("all", "correct", "misclassified")
+BALANCE = ("undersample", "oversample", "class_weight", "none")
+#: Metrics shown in the one-line summary printed after each audit.
+_SUMMARY = (("balanced_accuracy", "bal.acc"), ("far", "FAR"), ("auc", "AUC"))
+
+
+def _normalise_specs(specs: Sequence[Spec], kind: str, registry: Any) -> List[Tuple[str, str, Dict[str, Any]]]:
+    """``[(tag, name, options)]`` from ``"name"`` / ``{"name":..., "tag":..., **options}`` specs, names checked."""
+    if isinstance(specs, (str, Mapping)):
+        specs = [specs]
+    out, seen = [], set()
+    for spec in specs:
+        name, options = parse_spec(spec, kind)
+        registry[name]  # KeyError listing the known names
+        tag = str(options.pop("tag", name))
+        if tag in seen:
+            raise ValueError(f"Two {kind}s share the tag {tag!r}: give one a distinct 'tag'")
+        seen.add(tag)
+        out.append((tag, name, options))
+    if not out:
+        raise ValueError(f"At least one {kind} is needed")
+    return out
+
+
+class MembershipInferenceMonitor(Callback):
+    r"""Audit membership leakage of the model every ``every_n_epochs`` epochs.
+
+    Each audit runs one inference pass over a fixed, seeded pool of members (training samples) and non-members
+    (held-out samples) in eval mode, extracts the chosen features, fits each attack on a stratified
+    ``1 - eval_fraction`` of the pool and scores it on the rest (``repeats`` seeded splits), separately for all,
+    correctly classified and misclassified samples. Results go to every logger as
+    ``mia/{feature}/{attack}/{slice}/{metric}`` with the epoch as step, plus ``target/{train,test}_{acc,loss}``,
+    and to ``{run_dir}/mia/history.csv``.
+
+    Args:
+        every_n_epochs: audit period (the last epoch is always audited).
+        features: feature names or ``{"name": ..., "tag": ..., **options}`` (see ``lightning_mia.features``).
+        attacks: attack names or ``{"name": ..., "tag": ..., **options}`` (see ``lightning_mia.attacks``).
+        repeats: number of seeded attack-train/evaluation splits; metrics are their mean, ``*_std`` their std.
+        eval_fraction: share of the pool the attack is scored on (the attacker knows the rest's membership).
+        slices: subsets reported: ``all``, ``correct``, ``misclassified``.
+        balance: attack training-set balancing: ``undersample``, ``oversample``, ``class_weight``, ``none``.
+        fit_per_slice: fit separate attacks on correct and misclassified samples (as the paper's tables do).
+        per_class: fit one attack per true class.
+        eval_ratios: also score each attack with the evaluation set resampled to these member:non-member ratios.
+        n_members, n_nonmembers, ratio: audit-pool size (default: as large as the data allows at ``ratio``:1).
+        seed: seeds the audit pool and every split.
+        save_predictions: write ``mia/predictions/epoch_NNNN.npz`` with per-sample scores.
+        batch_size: inference batch size of the audit pass.
+        dirpath: where ``mia/`` goes; default: the first logger's ``log_dir`` (else ``trainer.default_root_dir``).
+        log_histograms: TensorBoard histograms of member / non-member scores.
+        report_at_end: write ``mia/report.md`` and figures when fitting ends.
+        verbose: print a summary line per audit and a progress bar for long extractions.
+        member_dataset, nonmember_dataset: ``(x, y, index)`` datasets, for datamodules that do not provide
+            ``member_dataset()`` / ``nonmember_dataset()``.
+
+    Example:
+        >>> from lightning_mia.callbacks import MembershipInferenceMonitor
+        >>> monitor = MembershipInferenceMonitor(every_n_epochs=2, features=["confidence", "loss"],
+        ...                                      attacks=["threshold", "logistic_regression"], repeats=3)
+        >>> # pl.Trainer(callbacks=[monitor]).fit(model, datamodule=dm)
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        features: Sequence[Spec] = ("confidence", "loss"),
+        attacks: Sequence[Spec] = ("threshold", "logistic_regression"),
+        repeats: int = 3,
+        eval_fraction: float = 0.2,
+        slices: Sequence[str] = SLICES,
+        balance: str = "undersample",
+        fit_per_slice: bool = False,
+        per_class: bool = False,
+        eval_ratios: Sequence[float] = (),
+        n_members: Optional[int] = None,
+        n_nonmembers: Optional[int] = None,
+        ratio: float = DEFAULT_RATIO,
+        seed: int = 0,
+        save_predictions: bool = False,
+        batch_size: int = 512,
+        dirpath: Optional[str] = None,
+        log_histograms: bool = True,
+        report_at_end: bool = True,
+        verbose: bool = True,
+        member_dataset: Optional[Any] = None,
+        nonmember_dataset: Optional[Any] = None,
+    ) -> None:
+        super().__init__()
+        from lightning_mia.attacks import ATTACKS
+        from lightning_mia.features import FEATURES
+
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
+        if not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+        if not 0.0 < float(eval_fraction) < 1.0:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+        slices = [slices] if isinstance(slices, str) else list(slices)
+        bad = [s for s in slices if s not in SLICES]
+        if bad or not slices:
+            raise ValueError(f"slices must be a non-empty subset of {SLICES}, got {slices}")
+        if balance not in BALANCE:
+            raise ValueError(f"balance must be one of {BALANCE}, got {balance!r}")
+        if any(not (float(r) > 0 and math.isfinite(float(r))) for r in eval_ratios):
+            raise ValueError(f"eval_ratios must be positive numbers (members per non-member), got {list(eval_ratios)}")
+        if not float(ratio) > 0:
+            raise ValueError(f"ratio (members per non-member) must be > 0, got {ratio}")
+        for name, value in (("n_members", n_members), ("n_nonmembers", n_nonmembers)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if (member_dataset is None) != (nonmember_dataset is None):
+            raise ValueError("Pass both member_dataset and nonmember_dataset, or neither")
+
+        self.every_n_epochs = every_n_epochs
+        self.features = _normalise_specs(features, "feature", FEATURES)
+        self.attacks = _normalise_specs(attacks, "attack", ATTACKS)
+        self.protocol = {
+            "repeats": repeats, "eval_fraction": float(eval_fraction), "balance": balance, "slices": slices,
+            "fit_per_slice": bool(fit_per_slice), "per_class": bool(per_class),
+            "eval_ratios": [float(r) for r in eval_ratios], "seed": int(seed),
+        }
+        self.n_members, self.n_nonmembers, self.ratio, self.seed = n_members, n_nonmembers, float(ratio), int(seed)
+        self.save_predictions = save_predictions
+        self.batch_size = batch_size
+        self.dirpath = dirpath
+        self.log_histograms = log_histograms
+        self.report_at_end = report_at_end
+        self.verbose = verbose
+        self._member_dataset, self._nonmember_dataset = member_dataset, nonmember_dataset
+
+        self.pool: Optional[AuditPool] = None
+        self.last_epoch: int = -1
+        self._resumed = False
+        self._feature_objs: Dict[str, Any] = {}
+        self._layout_written = False
+        self.last_result: Optional[Any] = None
+
+    # ------------------------------------------------------------------ Lightning state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_epochs=self.every_n_epochs, seed=self.seed,
+                                        features=[t for t, _, _ in self.features])
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"pool": None if self.pool is None else self.pool.to_dict(), "last_epoch": self.last_epoch,
+                "seed": self.seed}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if state_dict.get("pool") is not None:
+            self.pool = AuditPool.from_dict(state_dict["pool"])
+        self.last_epoch = int(state_dict.get("last_epoch", -1))
+        self._resumed = True
+
+    # ------------------------------------------------------------------ paths
+    def mia_dir(self, trainer: "pl.Trainer") -> str:
+        return mia_dir(trainer, self.dirpath)
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        members, nonmembers = self._datasets(trainer)
+        n_train, n_heldout = len(members), len(nonmembers)
+        if self.pool is None:
+            self.pool = make_audit_pool(n_train, n_heldout, self.n_members, self.n_nonmembers, self.ratio, self.seed)
+        validate_audit_pool(self.pool, n_train, n_heldout)
+        from lightning_mia.features import FEATURES
+
+        self._feature_objs = {tag: FEATURES[name](**options) for tag, name, options in self.features}
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._skip_run(trainer) or trainer.global_rank != 0:
+            return
+        d = self.mia_dir(trainer)
+        os.makedirs(d, exist_ok=True)
+        if self._resumed:  # drop rows a killed run wrote after the checkpoint we resume from
+            truncate_history(os.path.join(d, "history.csv"), self.last_epoch + 1)
+        self.pool.save(os.path.join(d, "audit.json"))
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._skip_run(trainer):
+            return
+        epoch = trainer.current_epoch
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch == trainer.max_epochs - 1
+        if (epoch + 1) % self.every_n_epochs != 0 and not last and not trainer.should_stop:
+            return
+        self.audit(trainer, pl_module, epoch)
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._skip_run(trainer) or trainer.global_rank != 0 or self.last_epoch < 0:
+            return
+        d = self.mia_dir(trainer)
+        lines = []
+        if self.report_at_end:
+            try:
+                from lightning_mia.report.summary import finish_run
+
+                hparams = {**{f"model/{k}": v for k, v in dict(pl_module.hparams).items()},
+                           **{f"mia/{k}": v for k, v in self.protocol.items()}}
+                report, table = finish_run(os.path.dirname(d), self._writer(trainer), hparams, self.last_epoch)
+                lines += [table, f"Report: {report}"]
+            except Exception as err:  # a report failure must not lose the training run
+                rank_zero_warn(f"Could not write the MIA report: {err!r}")
+        lines.append(f"Membership-inference audit: {os.path.join(d, 'history.csv')}")
+        root = next((lg.save_dir for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if root is not None:
+            lines.append(f"TensorBoard: tensorboard --logdir {root}")
+        self._print(trainer, "\n".join(lines))
+
+    # ------------------------------------------------------------------ work
+    def audit(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int) -> Any:
+        """Extract (sharded over ranks), attack (rank zero), broadcast, log. Returns the ``AuditResult``."""
+        t0 = time.perf_counter()
+        arrays = self._extract(trainer, pl_module)
+        t1 = time.perf_counter()
+        result = None
+        if trainer.global_rank == 0:
+            result = self._attack(arrays, epoch)
+        result = self._broadcast(trainer, result)
+        t2 = time.perf_counter()
+        self.last_epoch = epoch
+        self.last_result = result
+        if trainer.global_rank == 0:
+            self._write(trainer, arrays, result, epoch)
+        self._log_progress_bar(pl_module, result)
+        if self.verbose:
+            self._print(trainer, self._summary(result, epoch, t1 - t0, t2 - t1))
+        return result
+
+    def _extract(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Dict[str, np.ndarray]:
+        members, nonmembers = self._datasets(trainer)
+        rank, world = trainer.global_rank, trainer.world_size
+        parts = []
+        total = (self.pool.n_members + self.pool.n_nonmembers + world - 1) // world
+        bar = self._progress_bar(trainer, total)
+        try:
+            for is_member, ds, positions in ((True, members, self.pool.member_positions),
+                                             (False, nonmembers, self.pool.nonmember_positions)):
+                shard = positions[rank::world]  # disjoint shards: no padding, no duplicates
+                a = extract_pass(pl_module, ds, shard, self._feature_objs, batch_size=self.batch_size,
+                                 device=pl_module.device, progress=bar.update if bar else None,
+                                 where="member dataset" if is_member else "non-member dataset")
+                a["is_member"] = np.full(len(shard), is_member)
+                # positions of the two datasets are separate: offset non-members so one sort orders both
+                a["key"] = a["position"] + (0 if is_member else 2**40)
+                parts.append(a)
+        finally:
+            if bar is not None:
+                bar.close()
+        local = concat_arrays(parts, key="key")
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: List[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, local)
+            local = concat_arrays(gathered, key="key")
+        return local
+
+    def _attack(self, arrays: Mapping[str, np.ndarray], epoch: int) -> Any:
+        feats = {}
+        for tag, feat in self._feature_objs.items():
+            X = arrays[f"feat:{tag}"]
+            post = getattr(feat, "fit_postprocess", None)
+            feats[tag] = post(X) if post is not None else X
+        target = target_metrics(arrays["is_member"], arrays["correct"], arrays["loss"])
+        specs = [{"name": name, "tag": tag, **options} for tag, name, options in self.attacks]
+        result = audit_arrays(feats, arrays["is_member"], arrays["correct"], arrays["label"], specs,
+                              self.protocol, extra_columns=target, epoch=epoch)
+        result.target = target
+        return result
+
+    def _broadcast(self, trainer: "pl.Trainer", result: Any) -> Any:
+        if trainer.world_size > 1:
+            return trainer.strategy.broadcast(result, src=0)
+        return result
+
+    def _write(self, trainer: "pl.Trainer", arrays: Mapping[str, np.ndarray], result: Any, epoch: int) -> None:
+        d = self.mia_dir(trainer)
+        os.makedirs(d, exist_ok=True)
+        append_rows(os.path.join(d, "history.csv"), result.rows, replace_from_epoch=epoch)
+        metrics: Dict[str, float] = {f"target/{k}": v for k, v in result.target.items() if _finite(v)}
+        for r in result.rows:
+            prefix = f"mia/{r['feature']}/{r['attack']}/{r['slice']}"
+            for k, v in r.items():
+                if k in ("epoch", "feature", "attack", "slice") or k.startswith(("train_", "test_")):
+                    continue
+                if isinstance(v, (int, float, np.integer, np.floating)) and _finite(v):
+                    metrics[f"{prefix}/{k}"] = float(v)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=epoch)
+        self._tensorboard_extras(trainer, arrays, result, epoch)
+        if self.save_predictions:
+            self._save_predictions(d, arrays, result, epoch)
+        for logger in trainer.loggers:
+            logger.save()
+
+    def _tensorboard_extras(self, trainer: "pl.Trainer", arrays: Mapping[str, np.ndarray], result: Any,
+                            epoch: int) -> None:
+        writer = self._writer(trainer)
+        if writer is None:
+            return
+        try:
+            from lightning_mia.report import tensorboard as tb
+        except ImportError:
+            return
+        if not self._layout_written and hasattr(tb, "add_custom_scalars_layout"):
+            combos = sorted({(r["feature"], r["attack"]) for r in result.rows})
+            tb.add_custom_scalars_layout(writer, combos, self.protocol["slices"])
+            self._layout_written = True
+        if self.log_histograms and hasattr(tb, "add_score_histograms"):
+            member = np.asarray(arrays["is_member"], bool)
+            for (f, a), s in result.scores.items():
+                ok = np.isfinite(s)
+                if (ok & member).any() and (ok & ~member).any():
+                    tb.add_score_histograms(writer, f, a, epoch, s[ok & member], s[ok & ~member])
+
+    def _save_predictions(self, d: str, arrays: Mapping[str, np.ndarray], result: Any, epoch: int) -> None:
+        import io
+
+        out = {"index": arrays["index"], "is_member": arrays["is_member"], "correct": arrays["correct"],
+               "label": arrays["label"], "pred": arrays["pred"]}
+        first = True
+        for (f, a), s in result.scores.items():
+            out[f"score__{f}__{a}"] = s
+            out[f"fold__{f}__{a}"] = result.folds[(f, a)]
+            if first:
+                out["fold"] = result.folds[(f, a)]
+                first = False
+        path = os.path.join(d, "predictions", f"epoch_{epoch:04d}.npz")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **out)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(buf.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def _log_progress_bar(self, pl_module: "pl.LightningModule", result: Any) -> None:
+        head = next((r for r in result.rows if r["slice"] == "all"), None)
+        if head is not None and _finite(head.get("balanced_accuracy")):
+            pl_module.log("mia_bal_acc", float(head["balanced_accuracy"]), prog_bar=True, logger=False,
+                          rank_zero_only=True)  # same value on every rank (broadcast)
+
+    # ------------------------------------------------------------------ helpers
+    def _datasets(self, trainer: "pl.Trainer") -> Tuple[Any, Any]:
+        if self._member_dataset is not None:
+            return self._member_dataset, self._nonmember_dataset
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and callable(getattr(dm, "member_dataset", None)) and callable(
+                getattr(dm, "nonmember_dataset", None)):
+            return dm.member_dataset(), dm.nonmember_dataset()
+        raise ValueError(
+            "MembershipInferenceMonitor needs member and non-member datasets: use a lightning_mia datamodule "
+            "(it provides member_dataset() and nonmember_dataset()), or pass member_dataset= and "
+            "nonmember_dataset= (datasets of (x, y, index) items; see lightning_mia.data.IndexedDataset)")
+
+    @staticmethod
+    def _writer(trainer: "pl.Trainer") -> Any:
+        """The TensorBoard SummaryWriter of the first TensorBoard logger (rank zero), else ``None``."""
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None
+
+    @staticmethod
+    def _skip_run(trainer: "pl.Trainer") -> bool:
+        return bool(trainer.sanity_checking or trainer.fast_dev_run)
+
+    def _progress_bar(self, trainer: "pl.Trainer", total: int) -> Any:
+        slow = any(getattr(f, "requires_grad", False) for f in self._feature_objs.values())
+        if not self.verbose or trainer.global_rank != 0 or not (slow or total > 20000):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="MIA features", leave=False, dynamic_ncols=True)
+
+    def _summary(self, result: Any, epoch: int, t_extract: float, t_attack: float) -> str:
+        tgt = result.target
+        parts = [f"[MIA epoch {epoch}] train acc {tgt['train_acc']:.3f} test acc {tgt['test_acc']:.3f} "
+                 f"(extract {t_extract:.1f}s, attacks {t_attack:.1f}s)"]
+        for r in result.rows:
+            vals = " ".join(f"{short} {r.get(k, float('nan')):.3f}" for k, short in _SUMMARY)
+            parts.append(f"  {r['feature']}/{r['attack']}/{r['slice']}: {vals} "
+                         f"(n={r.get('n_members')}/{r.get('n_nonmembers')})")
+        return "\n".join(parts)
+
+    @staticmethod
+    def _print(trainer: "pl.Trainer", text: str) -> None:
+        if trainer.global_rank != 0:
+            return
+        bar = trainer.progress_bar_callback
+        if bar is not None and hasattr(bar, "print"):
+            bar.print(text)
+        else:
+            print(text)
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False

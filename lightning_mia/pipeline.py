@@ -1,0 +1,128 @@
+"""One audit step as pure functions: per-sample arrays in, history rows and per-sample scores out.
+
+No Lightning here: the monitor callback gathers the arrays and calls :func:`audit_arrays`; scripts can call it on
+arrays they extracted themselves (e.g. with :func:`lightning_mia.features.extract_features`).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+Spec = Union[str, Mapping[str, Any]]
+
+#: Protocol options the monitor forwards to :func:`lightning_mia.attacks.protocol.evaluate`.
+PROTOCOL_KEYS = ("repeats", "eval_fraction", "balance", "slices", "fit_per_slice", "per_class", "eval_ratios", "seed")
+
+
+@dataclass
+class AuditResult:
+    """Rows for ``history.csv`` (one per feature/attack/slice) and per-sample evaluation scores."""
+
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+    scores: Dict[Tuple[str, str], np.ndarray] = field(default_factory=dict)
+    folds: Dict[Tuple[str, str], np.ndarray] = field(default_factory=dict)
+    dropped: Dict[str, int] = field(default_factory=dict)
+    skipped: List[Tuple[str, str, str]] = field(default_factory=list)
+
+
+def spec_name(spec: Spec) -> str:
+    """The tag name of a feature/attack spec: its ``tag`` option if given, else its ``name``."""
+    if isinstance(spec, str):
+        return spec
+    return str(spec.get("tag") or spec["name"])
+
+
+def strip_tag(spec: Spec) -> Spec:
+    """The spec without its ``tag`` option (tags name results; the factories do not take them)."""
+    if isinstance(spec, str) or "tag" not in spec:
+        return spec
+    return {k: v for k, v in spec.items() if k != "tag"}
+
+
+def finite_rows(X: np.ndarray) -> np.ndarray:
+    """Boolean mask of rows whose values are all finite."""
+    X = np.asarray(X, dtype=np.float64)
+    return np.isfinite(X.reshape(len(X), -1)).all(axis=1)
+
+
+def audit_arrays(
+    features: Mapping[str, np.ndarray],
+    is_member: np.ndarray,
+    correct: np.ndarray,
+    labels: np.ndarray,
+    attack_specs: Sequence[Spec],
+    protocol: Optional[Mapping[str, Any]] = None,
+    extra_columns: Optional[Mapping[str, Any]] = None,
+    epoch: Optional[int] = None,
+) -> AuditResult:
+    """Fit and score every attack on every feature array.
+
+    Rows whose feature values are not finite (a diverged model) are excluded from that feature's attacks, counted in
+    ``n_dropped`` and warned about. Attacks that need a 1-D input (``threshold``) are skipped on wider features.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> member = np.r_[np.ones(200, bool), np.zeros(200, bool)]
+        >>> loss = rng.normal(size=400) - 1.0 * member          # members have lower loss
+        >>> res = audit_arrays({"loss": loss[:, None]}, member, np.ones(400, bool), np.zeros(400, int),
+        ...                    ["threshold"], {"repeats": 2, "slices": ["all"]})
+        >>> 0.6 < res.rows[0]["balanced_accuracy"] < 0.8
+        True
+    """
+    from lightning_mia.attacks import build_attack
+    from lightning_mia.attacks.protocol import evaluate
+
+    protocol = dict(protocol or {})
+    unknown = set(protocol) - set(PROTOCOL_KEYS)
+    if unknown:
+        raise ValueError(f"Unknown protocol options {sorted(unknown)}; known: {PROTOCOL_KEYS}")
+    is_member = np.asarray(is_member, dtype=bool)
+    correct = np.asarray(correct, dtype=bool)
+    labels = np.asarray(labels)
+    n = len(is_member)
+    result = AuditResult()
+    for fname, X in features.items():
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim == 1:
+            X = X[:, None]
+        if len(X) != n:
+            raise ValueError(f"Feature {fname!r} has {len(X)} rows for {n} samples")
+        keep = finite_rows(X)
+        n_dropped = int(n - keep.sum())
+        result.dropped[fname] = n_dropped
+        if n_dropped:
+            warnings.warn(f"{n_dropped} of {n} audit samples have non-finite {fname!r} values (NaN/inf model "
+                          f"outputs?) and were excluded from its attacks", RuntimeWarning, stacklevel=2)
+        for aspec in attack_specs:
+            aname, aspec = spec_name(aspec), strip_tag(aspec)
+            if getattr(build_attack(aspec), "requires_1d", False) and X.shape[1] != 1:
+                result.skipped.append((fname, aname, f"needs a 1-D feature, {fname!r} has {X.shape[1]} dims"))
+                continue
+            pr = evaluate(X[keep], is_member[keep], correct[keep], labels[keep], aspec, **protocol)
+            scores = np.full(n, np.nan)
+            scores[keep] = pr.scores
+            fold = np.full(n, -1, dtype=np.int64)
+            fold[keep] = pr.fold
+            result.scores[(fname, aname)] = scores
+            result.folds[(fname, aname)] = fold
+            for r in pr.rows:
+                row: Dict[str, Any] = {"epoch": epoch, "feature": fname, "attack": aname}
+                row.update(r)
+                row["n_dropped"] = n_dropped
+                row.update(extra_columns or {})
+                result.rows.append(row)
+    return result
+
+
+def target_metrics(is_member: np.ndarray, correct: np.ndarray, loss: np.ndarray) -> Dict[str, float]:
+    """Train/test accuracy and loss of the target model measured on the audit pool (eval mode)."""
+    is_member = np.asarray(is_member, dtype=bool)
+    out = {}
+    for prefix, mask in (("train", is_member), ("test", ~is_member)):
+        finite = mask & np.isfinite(loss)
+        out[f"{prefix}_acc"] = float(np.mean(correct[mask])) if mask.any() else float("nan")
+        out[f"{prefix}_loss"] = float(np.mean(loss[finite])) if finite.any() else float("nan")
+    return out

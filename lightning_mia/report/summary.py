@@ -1,0 +1,52 @@
+"""What the monitor does when fitting ends: the report, the early-stopping table printed and in TensorBoard."""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+def summary_table(table: List[Mapping[str, Any]], feature: str, attack: str) -> str:
+    """Markdown early-stopping comparison of one feature/attack across slices."""
+    from lightning_mia.report.tables import markdown_table, pm
+
+    rows = [r for r in table if r["feature"] == feature and r["attack"] == attack]
+    return markdown_table(rows, [
+        ("slice", "slice"), ("point", "point"), ("epoch", "monitored_epoch"), ("train acc", "train_acc"),
+        ("test acc", "test_acc"), ("balanced acc. ± std", lambda r: pm(r, "balanced_accuracy")),
+        ("FAR ± std", lambda r: pm(r, "far")), ("TPR@0.1%FPR", "tpr_at_0.1pct_fpr"),
+        ("misclassified members", "n_misclassified_members")])
+
+
+def finish_run(run_dir: str, writer: Any = None, hparams: Optional[Mapping[str, Any]] = None,
+               step: int = 0) -> Tuple[str, str]:
+    """Write the report of ``run_dir``; with a TensorBoard ``writer`` also log the comparison tables as text, the
+    report figures as images and an HParams entry with final and early-stopping-epoch metrics.
+
+    Returns ``(report_path, printable_summary)``.
+    """
+    from lightning_mia.report import load_run, write_report
+    from lightning_mia.report.tables import combos, comparison_table
+
+    path = write_report(run_dir)
+    run = load_run(run_dir)
+    table = comparison_table(run["rows"], run["es"])
+    pairs = combos(run["rows"])
+    head = summary_table(table, *pairs[0]) if pairs else ""
+    summary = f"Early-stopping comparison ({pairs[0][0]} / {pairs[0][1]}):\n{head}" if pairs else ""
+    if writer is not None:
+        from lightning_mia.report import tensorboard as tb
+
+        for f, a in pairs:
+            tb.add_text_table(writer, f"mia/{f}/{a}/early_stopping", summary_table(table, f, a), step)
+        figures = sorted(glob.glob(os.path.join(os.path.dirname(path), "figures", "*.png")))
+        tb.add_figures(writer, {f"mia_figures/{os.path.splitext(os.path.basename(p))[0]}": p for p in figures}, step)
+        metrics: Dict[str, float] = {}
+        for r in table:  # final, best-validation and early-stopping epochs, on all samples
+            if r["slice"] != "all" or r["point"] == "max_leakage":
+                continue
+            for k in ("balanced_accuracy", "far"):
+                metrics[f"hparams/{r['feature']}/{r['attack']}/{r['point']}/{k}"] = r[k]
+            metrics[f"hparams/{r['point']}/test_acc"] = r["test_acc"]
+        tb.add_hparams(writer, dict(hparams or {}), metrics, step)
+        writer.flush()
+    return path, summary

@@ -1,0 +1,136 @@
+"""The monitor on tiny synthetic runs: contracted files, tags, options, errors."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import TensorDataset
+
+from lightning_mia.callbacks import MembershipInferenceMonitor
+from lightning_mia.data import IndexedDataset, SyntheticDataModule
+from lightning_mia.module import ImageClassifier
+from lightning_mia.report.history import HISTORY_COLUMNS, read_history
+from tests.helpers import scalars, tiny_trainer
+
+
+def _dm(**kw):
+    args = dict(input_shape=(1, 8, 8), num_classes=3, n_train=96, n_heldout=64, signal=1.0, batch_size=32, seed=0)
+    args.update(kw)
+    return SyntheticDataModule(**args)
+
+
+def _model():
+    return ImageClassifier("lenet", optimizer="adam", lr=1e-2)
+
+
+def test_tiny_run_writes_contracted_files_and_tags(tmp_path):
+    monitor = MembershipInferenceMonitor(features=["confidence", "loss"], attacks=["threshold", "logistic_regression"],
+                                         repeats=1, ratio=1.0, save_predictions=True, verbose=False,
+                                         report_at_end=False)
+    trainer = tiny_trainer(tmp_path, [monitor], max_epochs=2)
+    trainer.fit(_model(), datamodule=_dm())
+    run = tmp_path / "run" / "version_0"
+    mia = run / "mia"
+    assert (mia / "audit.json").exists()
+    rows = read_history(str(mia / "history.csv"))
+    assert set(HISTORY_COLUMNS) <= set(rows[0])
+    combos = {(r["feature"], r["attack"]) for r in rows}
+    # threshold needs a 1-D input: it runs on the loss, not on the 3-D confidence vector
+    assert combos == {("confidence", "logistic_regression"), ("loss", "threshold"), ("loss", "logistic_regression")}
+    assert sorted({r["epoch"] for r in rows}) == [0, 1]
+    assert len(rows) == 2 * 3 * 3
+    for r in rows:
+        if r["slice"] == "all":
+            assert (r["n_members"], r["n_nonmembers"]) == (64, 64)
+
+    tags = scalars(run)
+    for f, a in combos:
+        for s in ("all", "correct", "misclassified"):
+            key = f"mia/{f}/{a}/{s}/n_members"
+            assert [step for step, _ in tags[key]] == [0, 1], key
+    assert [step for step, _ in tags["target/train_acc"]] == [0, 1]
+    assert [step for step, _ in tags["mia/loss/threshold/all/balanced_accuracy"]] == [0, 1]
+
+    # predictions recompute the history with scikit-learn (repeats=1: the saved split is the only one)
+    pred = np.load(mia / "predictions" / "epoch_0001.npz")
+    for key in ("index", "is_member", "correct", "fold", "score__loss__threshold"):
+        assert key in pred.files
+    last = {(r["feature"], r["attack"], r["slice"]): r for r in rows if r["epoch"] == 1}
+    for f, a in combos:
+        s = pred[f"score__{f}__{a}"]
+        ev = pred[f"fold__{f}__{a}"] == 1
+        assert np.isnan(s[~ev]).all() and np.isfinite(s[ev]).all()
+        auc = roc_auc_score(pred["is_member"][ev], s[ev])
+        assert last[(f, a, "all")]["auc"] == pytest.approx(auc, abs=1e-9)
+        corr = ev & pred["correct"]
+        if len(set(pred["is_member"][corr])) == 2:
+            assert last[(f, a, "correct")]["auc"] == pytest.approx(
+                roc_auc_score(pred["is_member"][corr], s[corr]), abs=1e-9)
+    # train / test accuracy columns are the target model's accuracy on the audit pool
+    assert last[("loss", "threshold", "all")]["train_acc"] == pytest.approx(
+        pred["correct"][pred["is_member"]].mean())
+    assert last[("loss", "threshold", "all")]["test_acc"] == pytest.approx(
+        pred["correct"][~pred["is_member"]].mean())
+
+
+def test_every_n_epochs_and_last_epoch(tmp_path):
+    monitor = MembershipInferenceMonitor(every_n_epochs=2, features=["loss"], attacks=["threshold"], repeats=1,
+                                         verbose=False, report_at_end=False)
+    tiny_trainer(tmp_path, [monitor], max_epochs=5).fit(_model(), datamodule=_dm())
+    rows = read_history(str(tmp_path / "run" / "version_0" / "mia" / "history.csv"))
+    assert sorted({r["epoch"] for r in rows}) == [1, 3, 4]
+
+
+def test_fast_dev_run_is_skipped(tmp_path):
+    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], verbose=False)
+    trainer = tiny_trainer(tmp_path, [monitor], max_epochs=2, fast_dev_run=True)
+    trainer.fit(_model(), datamodule=_dm())
+    assert monitor.last_epoch == -1 and monitor.last_result is None
+
+
+@pytest.mark.parametrize("kwargs, err, msg", [
+    (dict(every_n_epochs=0), ValueError, "every_n_epochs must be an integer >= 1"),
+    (dict(eval_fraction=1.0), ValueError, r"eval_fraction must be in \(0, 1\)"),
+    (dict(eval_fraction=0), ValueError, r"eval_fraction must be in \(0, 1\)"),
+    (dict(features=["confidence", "nope"]), KeyError, "Unknown feature 'nope'. Known features: .*confidence"),
+    (dict(attacks=["svm"]), KeyError, "Unknown attack 'svm'. Known attacks: .*logistic_regression"),
+    (dict(slices=["all", "wrong"]), ValueError, "slices must be a non-empty subset"),
+    (dict(balance="smote"), ValueError, "balance must be one of"),
+    (dict(repeats=0), ValueError, "repeats must be"),
+    (dict(features=["loss", {"name": "loss"}]), ValueError, "share the tag 'loss'"),
+])
+def test_bad_options_are_clear_errors(kwargs, err, msg):
+    with pytest.raises(err, match=msg):
+        MembershipInferenceMonitor(**kwargs)
+
+
+def test_audit_larger_than_data_is_a_clear_error(tmp_path):
+    monitor = MembershipInferenceMonitor(n_members=10_000, features=["loss"], attacks=["threshold"])
+    with pytest.raises(ValueError, match="n_members=10000 is outside 1..96"):
+        tiny_trainer(tmp_path, [monitor]).fit(_model(), datamodule=_dm())
+
+
+def test_datasets_without_index_get_a_helpful_error(tmp_path):
+    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 3, (40,))
+    plain = TensorDataset(x, y)
+    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], member_dataset=plain,
+                                         nonmember_dataset=plain, verbose=False, report_at_end=False)
+    with pytest.raises(TypeError, match=r"\(x, y, index\).*IndexedDataset"):
+        tiny_trainer(tmp_path, [monitor]).fit(_model(), datamodule=_dm())
+
+
+def test_user_datasets_and_empty_misclassified_slice(tmp_path):
+    """Members the model fits perfectly: the misclassified slice has no members -> NaN metrics and counts."""
+    torch.manual_seed(0)
+    dm = _dm(signal=4.0)  # easy task: 100% train accuracy quickly
+    dm.setup("fit")
+    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], repeats=1, ratio=1.0,
+                                         member_dataset=dm.member_dataset(), nonmember_dataset=dm.nonmember_dataset(),
+                                         verbose=False, report_at_end=False)
+    tiny_trainer(tmp_path, [monitor], max_epochs=8).fit(_model(), datamodule=dm)
+    last = {r["slice"]: r for r in monitor.last_result.rows}
+    mis = last["misclassified"]
+    assert last["all"]["train_acc"] == 1.0
+    assert mis["n_members"] == 0
+    assert math.isnan(mis["balanced_accuracy"]) and math.isnan(mis["far"])
