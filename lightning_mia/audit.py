@@ -138,3 +138,44 @@ def validate_audit_pool(pool: AuditPool, n_train: int, n_heldout: int) -> None:
 
 def audit_json_path(mia_dir: str) -> str:
     return os.path.join(mia_dir, "audit.json")
+
+
+def _item_bytes(dataset: Any, positions: np.ndarray) -> List[bytes]:
+    """Raw bytes of each sample's input, read in bulk when the dataset can hand over its tensors."""
+    tensors = getattr(dataset, "tensors", None)
+    if callable(tensors) and len(positions) == len(dataset):
+        x = tensors()[0]
+        x = x.reshape(len(x), -1).cpu().numpy()
+        return [x[int(p)].tobytes() for p in positions]
+    out = []
+    for p in positions:
+        x = dataset[int(p)][0]
+        out.append(np.ascontiguousarray(x.cpu().numpy() if hasattr(x, "cpu") else np.asarray(x)).tobytes())
+    return out
+
+
+def sample_digests(dataset: Any, positions: Optional[np.ndarray] = None) -> List[bytes]:
+    """A 16-byte BLAKE2b digest of every sample's input (``positions`` default: all samples)."""
+    import hashlib
+
+    positions = np.arange(len(dataset)) if positions is None else np.asarray(positions)
+    return [hashlib.blake2b(b, digest_size=16).digest() for b in _item_bytes(dataset, positions)]
+
+
+def check_nonmembers_unseen(train_dataset: Any, nonmember_dataset: Any, nonmember_positions: np.ndarray,
+                            max_fraction: float = 0.01) -> int:
+    """Refuse a non-member pool that overlaps the training data: identical inputs on both sides fake a leak.
+
+    Returns how many audit non-members are identical to a training sample. Real data sets hold a few exact
+    duplicates across their splits; up to ``max_fraction`` of the non-members is tolerated (the caller warns),
+    more is a ``ValueError``.
+    """
+    train = set(sample_digests(train_dataset))
+    nonmembers = sample_digests(nonmember_dataset, nonmember_positions)
+    n_seen = sum(d in train for d in nonmembers)
+    if n_seen > max_fraction * len(nonmembers):
+        raise ValueError(
+            f"{n_seen} of {len(nonmembers)} audit non-members are identical to samples of the training data: the "
+            "non-member pool must be held-out data the model never trains on (overlap would fake a membership "
+            "leak). Check that member_dataset and nonmember_dataset come from disjoint splits.")
+    return n_seen

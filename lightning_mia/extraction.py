@@ -63,7 +63,8 @@ def extract_pass(
             y = y.to(device).long()
             with torch.no_grad():
                 logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, reduction="none")
+                hook = getattr(model, "mia_loss", None)  # optional per-sample loss of the user's module
+                loss = hook(logits, y) if callable(hook) else F.cross_entropy(logits.float(), y, reduction="none")
                 pred = logits.argmax(dim=1)
             out["index"].append(torch.as_tensor(idx).cpu().numpy().astype(np.int64))
             out["label"].append(y.cpu().numpy())

@@ -134,3 +134,76 @@ def test_user_datasets_and_empty_misclassified_slice(tmp_path):
     assert last["all"]["train_acc"] == 1.0
     assert mis["n_members"] == 0
     assert math.isnan(mis["balanced_accuracy"]) and math.isnan(mis["far"])
+
+
+class _NaNForSome(ImageClassifier):
+    """Outputs NaN logits for inputs whose first pixel is large: a partly diverged model."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        bad = (x[:, 0, 0, 0] > 1.0)[:, None]
+        return torch.where(bad, torch.full_like(out, float("nan")), out)
+
+
+def test_nan_outputs_are_counted_excluded_and_warned(tmp_path):
+    dm = _dm()
+    dm.setup("fit")
+    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], repeats=1, ratio=1.0,
+                                         verbose=False, report_at_end=False)
+    with pytest.warns(RuntimeWarning, match=r"(\d+) of 128 audit samples have non-finite 'loss' values") as rec:
+        tiny_trainer(tmp_path, [monitor], max_epochs=1).fit(_NaNForSome("lenet", optimizer="sgd", lr=1e-12),
+                                                            datamodule=dm)
+    # independent count: audit samples whose first pixel exceeds 1
+    pos_m, pos_n = monitor.pool.member_positions, monitor.pool.nonmember_positions
+    expected = sum(float(dm.member_dataset()[int(p)][0][0, 0, 0]) > 1.0 for p in pos_m) + sum(
+        float(dm.nonmember_dataset()[int(p)][0][0, 0, 0]) > 1.0 for p in pos_n)
+    assert expected > 0
+    msg = [str(w.message) for w in rec if "non-finite" in str(w.message)][0]
+    assert msg.startswith(f"{expected} of 128")
+    row = monitor.last_result.rows[0]
+    assert row["n_dropped"] == expected and row["n_members"] + row["n_nonmembers"] == 128 - expected
+
+
+def test_overlapping_nonmembers_are_refused(tmp_path):
+    dm = _dm()
+    dm.setup("fit")
+    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], member_dataset=dm.member_dataset(),
+                                         nonmember_dataset=dm.member_dataset(), verbose=False)
+    with pytest.raises(ValueError, match="audit non-members are identical to samples of the training data"):
+        tiny_trainer(tmp_path, [monitor]).fit(_model(), datamodule=dm)
+
+
+def test_audit_file_reuses_pool_and_bad_files_are_refused(tmp_path):
+    from lightning_mia.audit import AuditPool
+
+    first = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], repeats=1, seed=5, verbose=False,
+                                       report_at_end=False)
+    tiny_trainer(tmp_path / "a", [first], max_epochs=1).fit(_model(), datamodule=_dm())
+    saved = tmp_path / "a" / "run" / "version_0" / "mia" / "audit.json"
+    again = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], repeats=1, seed=0,
+                                       audit_file=str(saved), verbose=False, report_at_end=False)
+    tiny_trainer(tmp_path / "b", [again], max_epochs=1).fit(_model(), datamodule=_dm())
+    assert np.array_equal(again.pool.member_positions, first.pool.member_positions)
+
+    bad = AuditPool(np.array([0, 1, 500]), np.array([0, 1]), seed=0)
+    bad.save(str(tmp_path / "bad.json"))
+    mon = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], audit_file=str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="1 member audit indices are outside the dataset of 96 samples"):
+        tiny_trainer(tmp_path / "c", [mon]).fit(_model(), datamodule=_dm())
+    with pytest.raises(ValueError, match="does not exist"):
+        MembershipInferenceMonitor(audit_file=str(tmp_path / "missing.json"))
+
+
+def test_same_seed_same_numbers(tmp_path):
+    def run(sub):
+        mon = MembershipInferenceMonitor(features=["confidence", "loss"], attacks=["logistic_regression"], repeats=2,
+                                         verbose=False, report_at_end=False)
+        torch.manual_seed(0)
+        tiny_trainer(tmp_path / sub, [mon], max_epochs=2).fit(_model(), datamodule=_dm())
+        return read_history(str(tmp_path / sub / "run" / "version_0" / "mia" / "history.csv"))
+
+    a, b = run("a"), run("b")
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        for k, v in ra.items():
+            assert (isinstance(v, float) and math.isnan(v) and math.isnan(rb[k])) or v == rb[k], k

@@ -14,8 +14,9 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_mia.callbacks.paths import mia_dir
-from lightning_mia.audit import DEFAULT_RATIO, AuditPool, make_audit_pool, validate_audit_pool
-from lightning_mia.extraction import concat_arrays, extract_pass
+from lightning_mia.audit import (DEFAULT_RATIO, AuditPool, check_nonmembers_unseen, make_audit_pool,
+                                 validate_audit_pool)
+from lightning_mia.extraction import check_item, concat_arrays, extract_pass
 from lightning_mia.pipeline import audit_arrays, target_metrics
 from lightning_mia.registry import parse_spec
 from lightning_mia.report.history import append_rows, atomic_write_text, truncate_history
@@ -74,6 +75,8 @@ class MembershipInferenceMonitor(Callback):
         log_histograms: TensorBoard histograms of member / non-member scores.
         report_at_end: write ``mia/report.md`` and figures when fitting ends.
         verbose: print a summary line per audit and a progress bar for long extractions.
+        audit_file: an ``audit.json`` of an earlier run, to audit exactly the same samples again.
+        check_overlap: refuse non-members identical to training samples (hashes every training input once).
         member_dataset, nonmember_dataset: ``(x, y, index)`` datasets, for datamodules that do not provide
             ``member_dataset()`` / ``nonmember_dataset()``.
 
@@ -106,6 +109,8 @@ class MembershipInferenceMonitor(Callback):
         log_histograms: bool = True,
         report_at_end: bool = True,
         verbose: bool = True,
+        audit_file: Optional[str] = None,
+        check_overlap: bool = True,
         member_dataset: Optional[Any] = None,
         nonmember_dataset: Optional[Any] = None,
     ) -> None:
@@ -152,6 +157,10 @@ class MembershipInferenceMonitor(Callback):
         self.log_histograms = log_histograms
         self.report_at_end = report_at_end
         self.verbose = verbose
+        if audit_file is not None and not os.path.isfile(audit_file):
+            raise ValueError(f"audit_file {audit_file!r} does not exist (it is the mia/audit.json of a run)")
+        self.audit_file = audit_file
+        self.check_overlap = check_overlap
         self._member_dataset, self._nonmember_dataset = member_dataset, nonmember_dataset
 
         self.pool: Optional[AuditPool] = None
@@ -187,9 +196,19 @@ class MembershipInferenceMonitor(Callback):
             return
         members, nonmembers = self._datasets(trainer)
         n_train, n_heldout = len(members), len(nonmembers)
+        for ds, where in ((members, "member dataset"), (nonmembers, "non-member dataset")):
+            if len(ds):
+                check_item(ds[0], where)
+        if self.pool is None and self.audit_file is not None:
+            self.pool = AuditPool.load(self.audit_file)
         if self.pool is None:
             self.pool = make_audit_pool(n_train, n_heldout, self.n_members, self.n_nonmembers, self.ratio, self.seed)
         validate_audit_pool(self.pool, n_train, n_heldout)
+        if self.check_overlap:  # on every rank: an error raised on one rank only would deadlock the others
+            n_seen = check_nonmembers_unseen(members, nonmembers, self.pool.nonmember_positions)
+            if n_seen:
+                rank_zero_warn(f"{n_seen} audit non-members are identical to training samples (duplicates across "
+                               "the data set's splits); they count as non-members")
         from lightning_mia.features import FEATURES
 
         self._feature_objs = {tag: FEATURES[name](**options) for tag, name, options in self.features}

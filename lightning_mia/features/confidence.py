@@ -151,6 +151,9 @@ class TrueClassProb(Feature):
 class Loss(Feature):
     """Cross-entropy with the true label, ``-log p_y`` (one column; lower for members).
 
+    A model with a ``mia_loss(logits, y)`` method (per-sample losses) is scored with that instead, so a
+    LightningModule trained on another loss is audited on the loss it actually minimises.
+
     Example:
         >>> import torch
         >>> round(Loss().extract(None, None, torch.tensor([1]), torch.zeros(1, 2)).item(), 4)
@@ -160,7 +163,11 @@ class Loss(Feature):
     name = "loss"
 
     def extract(self, model: nn.Module, x: Tensor, y: Tensor, logits: Optional[Tensor] = None) -> Tensor:
-        logp = log_softmax64(self.logits(model, x, logits))
+        logits = self.logits(model, x, logits)
+        hook = getattr(model, "mia_loss", None)
+        if callable(hook):
+            return torch.as_tensor(hook(logits, y)).reshape(len(logits), 1).float()
+        logp = log_softmax64(logits)
         y = as_long_labels(y, len(logp), logp.device)
         return (-logp.gather(1, y[:, None])).float()
 
