@@ -145,6 +145,25 @@ def main() -> None:
             t = time_protocol(n, d, attack, repeats)
             print(f"  {attack:<20} d={d:<4} {t:.3f} s  ({t / epoch_60k:.1%} of a 60k LeNet epoch)")
 
+    print(f"\none audited epoch, every attack on a 10-d and a 1-d feature ({n} rows), sequential vs threads:")
+    seq = time_epoch_fit(n, n_jobs=1)
+    par = time_epoch_fit(n, n_jobs=2)
+    print(f"  n_jobs=1: {seq:.2f} s   n_jobs=2: {par:.2f} s   speed-up {seq / par:.2f}x "
+          f"(epoch fit {seq / epoch_60k:.0%} -> {par / epoch_60k:.0%} of a 60k LeNet epoch)")
+
+
+def time_epoch_fit(n: int, n_jobs: int) -> float:
+    """Wall time of one monitor audit's attack work (``pipeline.audit_arrays``) for all attacks."""
+    from lightning_mia.pipeline import audit_arrays
+
+    X, member, correct = _pool(n, 10)
+    labels = np.random.default_rng(1).integers(0, 10, n)
+    feats = {"confidence": X, "loss": X[:, :1]}
+    specs = ["threshold", "logistic_regression", "mlp", "random_forest", "xgboost"]
+    t0 = time.perf_counter()
+    audit_arrays(feats, member, correct, labels, specs, {"repeats": 1}, n_jobs=n_jobs)
+    return time.perf_counter() - t0
+
 
 if __name__ == "__main__":
     main()

@@ -57,11 +57,13 @@ def audit_arrays(
     protocol: Optional[Mapping[str, Any]] = None,
     extra_columns: Optional[Mapping[str, Any]] = None,
     epoch: Optional[int] = None,
+    n_jobs: int = 1,
 ) -> AuditResult:
     """Fit and score every attack on every feature array.
 
     Rows whose feature values are not finite (a diverged model) are excluded from that feature's attacks, counted in
     ``n_dropped`` and warned about. Attacks that need a 1-D input (``threshold``) are skipped on wider features.
+    ``n_jobs > 1`` fits the feature/attack pairs in that many threads (same numbers as ``n_jobs=1``).
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -84,6 +86,7 @@ def audit_arrays(
     labels = np.asarray(labels)
     n = len(is_member)
     result = AuditResult()
+    jobs = []  # (feature, attack tag, attack spec, X, keep, n_dropped), in output order
     for fname, X in features.items():
         X = np.asarray(X, dtype=np.float64)
         if X.ndim == 1:
@@ -101,19 +104,34 @@ def audit_arrays(
             if getattr(build_attack(aspec), "requires_1d", False) and X.shape[1] != 1:
                 result.skipped.append((fname, aname, f"needs a 1-D feature, {fname!r} has {X.shape[1]} dims"))
                 continue
-            pr = evaluate(X[keep], is_member[keep], correct[keep], labels[keep], aspec, **protocol)
-            scores = np.full(n, np.nan)
-            scores[keep] = pr.scores
-            fold = np.full(n, -1, dtype=np.int64)
-            fold[keep] = pr.fold
-            result.scores[(fname, aname)] = scores
-            result.folds[(fname, aname)] = fold
-            for r in pr.rows:
-                row: Dict[str, Any] = {"epoch": epoch, "feature": fname, "attack": aname}
-                row.update(r)
-                row["n_dropped"] = n_dropped
-                row.update(extra_columns or {})
-                result.rows.append(row)
+            jobs.append((fname, aname, aspec, X, keep, n_dropped))
+
+    def run(job):
+        _, _, aspec, X, keep, _ = job
+        return evaluate(X[keep], is_member[keep], correct[keep], labels[keep], aspec, **protocol)
+
+    if n_jobs > 1 and len(jobs) > 1:
+        # threads: the heavy parts (sklearn/xgboost fits, BLAS) release the GIL; every job is seeded on its own,
+        # so the numbers do not depend on n_jobs
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+            outputs = list(pool.map(run, jobs))
+    else:
+        outputs = [run(job) for job in jobs]
+    for (fname, aname, _, _, keep, n_dropped), pr in zip(jobs, outputs):
+        scores = np.full(n, np.nan)
+        scores[keep] = pr.scores
+        fold = np.full(n, -1, dtype=np.int64)
+        fold[keep] = pr.fold
+        result.scores[(fname, aname)] = scores
+        result.folds[(fname, aname)] = fold
+        for r in pr.rows:
+            row: Dict[str, Any] = {"epoch": epoch, "feature": fname, "attack": aname}
+            row.update(r)
+            row["n_dropped"] = n_dropped
+            row.update(extra_columns or {})
+            result.rows.append(row)
     return result
 
 

@@ -44,3 +44,41 @@ def test_quickstart_config_short_run(tmp_path):
     assert (run / "mia" / "audit.json").exists()
     assert "tensorboard --logdir runs" in out.stdout + out.stderr
     assert "history.csv" in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_every_feature_from_yaml_with_options(tmp_path):
+    cfg = tmp_path / "all.yaml"
+    cfg.write_text("""
+trainer: {max_epochs: 1, enable_progress_bar: false, logger: {class_path: pytorch_lightning.loggers.TensorBoardLogger,
+          init_args: {save_dir: runs, name: all}}}
+data: {class_path: lightning_mia.data.DigitsDataModule, init_args: {train_subset: 120, batch_size: 32}}
+mia:
+  n_members: 40
+  n_nonmembers: 40
+  repeats: 1
+  eval_ratios: [5, 1, 0.2]
+  attacks: [threshold, logistic_regression]
+  features:
+    - confidence
+    - loss
+    - {name: confidence, tag: top3, top_k: 3}
+    - {name: intermediate, layers: [-1]}
+    - gradient_norms
+    - {name: boundary_distance, max_steps: 200}
+es: {patience: [1]}
+""")
+    out = _run(["fit", "--config", str(cfg)], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from lightning_mia.report.history import read_history
+    from tests.helpers import scalars
+
+    run = tmp_path / "runs" / "all" / "version_0"
+    rows = read_history(str(run / "mia" / "history.csv"))
+    feats = {r["feature"] for r in rows}
+    assert feats == {"confidence", "loss", "top3", "intermediate", "gradient_norms", "boundary_distance"}
+    tags = scalars(run)
+    for f in feats:
+        assert f"mia/{f}/logistic_regression/all/balanced_accuracy" in tags, f
+    assert "mia/loss/threshold/all/precision_at_ratio_0.2" in tags
+    assert "mia/boundary_distance/threshold/all/auc" in tags  # 1-D feature: the threshold attack runs too

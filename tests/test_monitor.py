@@ -207,3 +207,22 @@ def test_same_seed_same_numbers(tmp_path):
     for ra, rb in zip(a, b):
         for k, v in ra.items():
             assert (isinstance(v, float) and math.isnan(v) and math.isnan(rb[k])) or v == rb[k], k
+
+
+def test_parallel_attack_fitting_gives_the_same_numbers():
+    from lightning_mia.pipeline import audit_arrays
+
+    rng = np.random.default_rng(0)
+    member = np.r_[np.ones(150, bool), np.zeros(150, bool)]
+    feats = {"a": rng.normal(size=(300, 3)) + 0.5 * member[:, None], "b": rng.normal(size=(300, 1)) - member[:, None]}
+    correct, labels = rng.random(300) < 0.8, rng.integers(0, 3, 300)
+    args = (feats, member, correct, labels, ["threshold", "logistic_regression", {"name": "random_forest",
+                                                                               "n_estimators": 20}])
+    one = audit_arrays(*args, {"repeats": 2}, n_jobs=1)
+    two = audit_arrays(*args, {"repeats": 2}, n_jobs=2)
+    assert [(r["feature"], r["attack"], r["slice"]) for r in one.rows] == [
+        (r["feature"], r["attack"], r["slice"]) for r in two.rows]
+    for ra, rb in zip(one.rows, two.rows):
+        for k, v in ra.items():
+            if isinstance(v, float):
+                assert (math.isnan(v) and math.isnan(rb[k])) or v == rb[k], k

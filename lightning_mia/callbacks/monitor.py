@@ -71,6 +71,7 @@ class MembershipInferenceMonitor(Callback):
         seed: seeds the audit pool and every split.
         save_predictions: write ``mia/predictions/epoch_NNNN.npz`` with per-sample scores.
         batch_size: inference batch size of the audit pass.
+        n_jobs: threads fitting the feature/attack pairs in parallel (worth it for MLP / forest / XGBoost).
         dirpath: where ``mia/`` goes; default: the first logger's ``log_dir`` (else ``trainer.default_root_dir``).
         log_histograms: TensorBoard histograms of member / non-member scores.
         report_at_end: write ``mia/report.md`` and figures when fitting ends.
@@ -105,6 +106,7 @@ class MembershipInferenceMonitor(Callback):
         seed: int = 0,
         save_predictions: bool = False,
         batch_size: int = 512,
+        n_jobs: int = 1,
         dirpath: Optional[str] = None,
         log_histograms: bool = True,
         report_at_end: bool = True,
@@ -139,6 +141,8 @@ class MembershipInferenceMonitor(Callback):
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(n_jobs, int) or n_jobs < 1:
+            raise ValueError(f"n_jobs must be an integer >= 1, got {n_jobs!r}")
         if (member_dataset is None) != (nonmember_dataset is None):
             raise ValueError("Pass both member_dataset and nonmember_dataset, or neither")
 
@@ -153,6 +157,7 @@ class MembershipInferenceMonitor(Callback):
         self.n_members, self.n_nonmembers, self.ratio, self.seed = n_members, n_nonmembers, float(ratio), int(seed)
         self.save_predictions = save_predictions
         self.batch_size = batch_size
+        self.n_jobs = n_jobs
         self.dirpath = dirpath
         self.log_histograms = log_histograms
         self.report_at_end = report_at_end
@@ -308,7 +313,7 @@ class MembershipInferenceMonitor(Callback):
         target = target_metrics(arrays["is_member"], arrays["correct"], arrays["loss"])
         specs = [{"name": name, "tag": tag, **options} for tag, name, options in self.attacks]
         result = audit_arrays(feats, arrays["is_member"], arrays["correct"], arrays["label"], specs,
-                              self.protocol, extra_columns=target, epoch=epoch)
+                              self.protocol, extra_columns=target, epoch=epoch, n_jobs=self.n_jobs)
         result.target = target
         return result
 
