@@ -174,6 +174,8 @@ class MembershipInferenceMonitor(Callback):
         self._feature_objs: Dict[str, Any] = {}
         self._layout_written = False
         self.last_result: Optional[Any] = None
+        #: wall time of each audit on this rank: extraction (incl. gather), attacks (incl. broadcast), writing
+        self.timings: List[Dict[str, float]] = []
 
     # ------------------------------------------------------------------ Lightning state
     @property
@@ -273,6 +275,8 @@ class MembershipInferenceMonitor(Callback):
         if trainer.global_rank == 0:
             self._write(trainer, arrays, result, epoch)
         self._log_progress_bar(pl_module, result)
+        self.timings.append({"epoch": epoch, "extract_s": t1 - t0, "attack_s": t2 - t1,
+                             "write_s": time.perf_counter() - t2})
         if self.verbose:
             self._print(trainer, self._summary(result, epoch, t1 - t0, t2 - t1))
         return result
