@@ -14,6 +14,9 @@ import numpy as np
 Spec = Union[str, Mapping[str, Any]]
 
 #: Protocol options the monitor forwards to :func:`lightning_mia.attacks.protocol.evaluate`.
+#: ``standard``: repeated stratified splits (:func:`lightning_mia.attacks.protocol.evaluate`); ``paper``: the
+#: authors' per-class protocol (:func:`lightning_mia.attacks.paper.evaluate_paper`).
+MODES = ("standard", "paper")
 PROTOCOL_KEYS = ("repeats", "eval_fraction", "balance", "slices", "fit_per_slice", "per_class", "eval_ratios", "seed")
 
 
@@ -58,12 +61,17 @@ def audit_arrays(
     extra_columns: Optional[Mapping[str, Any]] = None,
     epoch: Optional[int] = None,
     n_jobs: int = 1,
+    mode: str = "standard",
+    feature_kinds: Optional[Mapping[str, str]] = None,
 ) -> AuditResult:
     """Fit and score every attack on every feature array.
 
     Rows whose feature values are not finite (a diverged model) are excluded from that feature's attacks, counted in
     ``n_dropped`` and warned about. Attacks that need a 1-D input (``threshold``) are skipped on wider features.
     ``n_jobs > 1`` fits the feature/attack pairs in that many threads (same numbers as ``n_jobs=1``).
+    ``mode="paper"`` runs :func:`lightning_mia.attacks.paper.evaluate_paper` instead (the authors' per-class
+    protocol; the preset follows each feature's registered name in ``feature_kinds``, default the tag; only
+    ``seed`` of ``protocol`` applies; the threshold attack is not part of it and is skipped).
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -75,8 +83,12 @@ def audit_arrays(
         True
     """
     from lightning_mia.attacks import build_attack
+    from lightning_mia.attacks.paper import PAPER_ATTACKS, evaluate_paper, preset_for_feature
     from lightning_mia.attacks.protocol import evaluate
+    from lightning_mia.registry import parse_spec
 
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     protocol = dict(protocol or {})
     unknown = set(protocol) - set(PROTOCOL_KEYS)
     if unknown:
@@ -101,13 +113,21 @@ def audit_arrays(
                           f"outputs?) and were excluded from its attacks", RuntimeWarning, stacklevel=2)
         for aspec in attack_specs:
             aname, aspec = spec_name(aspec), strip_tag(aspec)
+            if mode == "paper" and (aname if isinstance(aspec, str) else aspec["name"]) not in PAPER_ATTACKS:
+                result.skipped.append((fname, aname, f"not an attack of the paper protocol {PAPER_ATTACKS}"))
+                continue
             if getattr(build_attack(aspec), "requires_1d", False) and X.shape[1] != 1:
                 result.skipped.append((fname, aname, f"needs a 1-D feature, {fname!r} has {X.shape[1]} dims"))
                 continue
             jobs.append((fname, aname, aspec, X, keep, n_dropped))
 
     def run(job):
-        _, _, aspec, X, keep, _ = job
+        fname, _, aspec, X, keep, _ = job
+        if mode == "paper":
+            name, options = parse_spec(aspec, "attack")
+            preset = preset_for_feature((feature_kinds or {}).get(fname, fname))
+            return evaluate_paper(X[keep], is_member[keep], correct[keep], labels[keep], preset=preset,
+                                  attack=name, attack_options=options or None, seed=protocol.get("seed", 0))
         return evaluate(X[keep], is_member[keep], correct[keep], labels[keep], aspec, **protocol)
 
     if n_jobs > 1 and len(jobs) > 1:

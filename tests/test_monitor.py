@@ -226,3 +226,69 @@ def test_parallel_attack_fitting_gives_the_same_numbers():
         for k, v in ra.items():
             if isinstance(v, float):
                 assert (math.isnan(v) and math.isnan(rb[k])) or v == rb[k], k
+
+
+def test_paper_protocol_matches_evaluate_paper(tmp_path):
+    """protocol: paper runs the authors' per-class protocol (reference: evaluate_paper on the same arrays)."""
+    from lightning_mia.attacks.paper import evaluate_paper
+    from lightning_mia.pipeline import audit_arrays
+
+    rng = np.random.default_rng(0)
+    member = np.r_[np.ones(120, bool), np.zeros(120, bool)]
+    labels = np.tile(np.arange(3), 80)
+    X = rng.normal(size=(240, 3)) + 0.7 * member[:, None]
+    correct = rng.random(240) < 0.8
+    res = audit_arrays({"c": X}, member, correct, labels, ["threshold", "logistic_regression"], {"seed": 3},
+                       mode="paper", feature_kinds={"c": "gradient_norms"})
+    ref = evaluate_paper(X, member, correct, labels, preset="gradient", attack="logistic_regression", seed=3)
+    assert [r["slice"] for r in res.rows] == [r["slice"] for r in ref.rows]
+    for got, want in zip(res.rows, ref.rows):
+        for k, v in want.items():
+            if isinstance(v, float):
+                assert (math.isnan(v) and math.isnan(got[k])) or got[k] == v, k
+    assert res.skipped and res.skipped[0][1] == "threshold"
+
+    monitor = MembershipInferenceMonitor(features=["confidence"], attacks=["threshold", "logistic_regression"],
+                                         protocol="paper", ratio=1.0, verbose=False, report_at_end=False)
+    tiny_trainer(tmp_path, [monitor], max_epochs=1).fit(_model(), datamodule=_dm(n_train=200, n_heldout=200))
+    rows = monitor.last_result.rows
+    assert {r["attack"] for r in rows} == {"logistic_regression"}
+    assert all(r["repeats"] == 1 and r["n_classes"] >= 1 for r in rows)
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        MembershipInferenceMonitor(protocol="shokri")
+
+
+def test_checkpoint_without_monitor_resumes_with_monitor(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    tiny_trainer(tmp_path / "a", [ckpt], max_epochs=1, enable_checkpointing=True).fit(_model(), datamodule=_dm())
+    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], repeats=1, verbose=False,
+                                         report_at_end=False)
+    tiny_trainer(tmp_path / "b", [monitor], max_epochs=3).fit(_model(), datamodule=_dm(),
+                                                            ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    rows = read_history(str(tmp_path / "b" / "run" / "version_0" / "mia" / "history.csv"))
+    assert sorted({r["epoch"] for r in rows}) == [1, 2]
+
+
+def test_fit_end_writes_report_and_tensorboard_extras(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_mia.callbacks import EarlyStoppingComparison
+
+    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], repeats=1, ratio=1.0,
+                                         save_predictions=True, verbose=False)
+    es = EarlyStoppingComparison(monitor="val_loss", patience=[1])
+    tiny_trainer(tmp_path, [monitor, es], max_epochs=3).fit(_model(), datamodule=_dm())
+    run = tmp_path / "run" / "version_0"
+    assert (run / "mia" / "report.md").exists() and (run / "mia" / "early_stopping.csv").exists()
+    acc = EventAccumulator(str(run), size_guidance={"images": 0, "histograms": 0, "tensors": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "mia/loss/threshold/scores/member" in tags["histograms"]
+    assert len(acc.Histograms("mia/loss/threshold/scores/member")) == 3  # one per audited epoch
+    assert any(t.startswith("mia_figures/progress__loss__threshold") for t in tags["images"])
+    assert any("early_stopping" in t for t in tags["tensors"])  # text summaries are stored as tensors
+    assert acc.summary_metadata  # custom-scalars layout and hparams plugin data are present
+    plugins = {m.plugin_data.plugin_name for m in acc.summary_metadata.values()}
+    assert {"text", "hparams", "custom_scalars"} <= plugins, plugins

@@ -17,7 +17,7 @@ from lightning_mia.callbacks.paths import mia_dir
 from lightning_mia.audit import (DEFAULT_RATIO, AuditPool, check_nonmembers_unseen, make_audit_pool,
                                  validate_audit_pool)
 from lightning_mia.extraction import check_item, concat_arrays, extract_pass
-from lightning_mia.pipeline import audit_arrays, target_metrics
+from lightning_mia.pipeline import MODES, audit_arrays, target_metrics
 from lightning_mia.registry import parse_spec
 from lightning_mia.report.history import append_rows, atomic_write_text, truncate_history
 
@@ -60,6 +60,9 @@ class MembershipInferenceMonitor(Callback):
         every_n_epochs: audit period (the last epoch is always audited).
         features: feature names or ``{"name": ..., "tag": ..., **options}`` (see ``lightning_mia.features``).
         attacks: attack names or ``{"name": ..., "tag": ..., **options}`` (see ``lightning_mia.attacks``).
+        protocol: ``standard`` (repeated stratified splits, options below) or ``paper`` (the authors' code: one
+            attack per class, first 80% of each class in dataset order, metrics averaged over classes; attacks
+            ``mlp``, ``random_forest``, ``xgboost``, ``logistic_regression`` with the paper's settings).
         repeats: number of seeded attack-train/evaluation splits; metrics are their mean, ``*_std`` their std.
         eval_fraction: share of the pool the attack is scored on (the attacker knows the rest's membership).
         slices: subsets reported: ``all``, ``correct``, ``misclassified``.
@@ -93,6 +96,7 @@ class MembershipInferenceMonitor(Callback):
         every_n_epochs: int = 1,
         features: Sequence[Spec] = ("confidence", "loss"),
         attacks: Sequence[Spec] = ("threshold", "logistic_regression"),
+        protocol: str = "standard",
         repeats: int = 3,
         eval_fraction: float = 0.2,
         slices: Sequence[str] = SLICES,
@@ -130,6 +134,8 @@ class MembershipInferenceMonitor(Callback):
         bad = [s for s in slices if s not in SLICES]
         if bad or not slices:
             raise ValueError(f"slices must be a non-empty subset of {SLICES}, got {slices}")
+        if protocol not in MODES:
+            raise ValueError(f"protocol must be one of {MODES}, got {protocol!r}")
         if balance not in BALANCE:
             raise ValueError(f"balance must be one of {BALANCE}, got {balance!r}")
         if any(not (float(r) > 0 and math.isfinite(float(r))) for r in eval_ratios):
@@ -149,6 +155,7 @@ class MembershipInferenceMonitor(Callback):
         self.every_n_epochs = every_n_epochs
         self.features = _normalise_specs(features, "feature", FEATURES)
         self.attacks = _normalise_specs(attacks, "attack", ATTACKS)
+        self.mode = protocol
         self.protocol = {
             "repeats": repeats, "eval_fraction": float(eval_fraction), "balance": balance, "slices": slices,
             "fit_per_slice": bool(fit_per_slice), "per_class": bool(per_class),
@@ -317,7 +324,8 @@ class MembershipInferenceMonitor(Callback):
         target = target_metrics(arrays["is_member"], arrays["correct"], arrays["loss"])
         specs = [{"name": name, "tag": tag, **options} for tag, name, options in self.attacks]
         result = audit_arrays(feats, arrays["is_member"], arrays["correct"], arrays["label"], specs,
-                              self.protocol, extra_columns=target, epoch=epoch, n_jobs=self.n_jobs)
+                              self.protocol, extra_columns=target, epoch=epoch, n_jobs=self.n_jobs,
+                              mode=self.mode, feature_kinds={tag: name for tag, name, _ in self.features})
         result.target = target
         return result
 
