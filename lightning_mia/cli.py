@@ -58,12 +58,12 @@ def build_cli(args: Optional[List[str]] = None, run: bool = True) -> MIACLI:
 
 
 def main(argv: Optional[List[str]] = None) -> Any:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("report", "compare"):
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("report", "compare"):
         from lightning_mia import report
 
-        return getattr(report, f"main_{argv[0]}")(argv[1:])
-    return build_cli(argv)
+        return getattr(report, f"main_{args[0]}")(args[1:])
+    return build_cli(argv)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":  # pragma: no cover

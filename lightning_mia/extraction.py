@@ -63,6 +63,8 @@ def extract_pass(
             y = y.to(device).long()
             with torch.no_grad():
                 logits = model(x)
+                # y = -1: an unlabelled sample (e.g. OOD noise): label-dependent features use the predicted class
+                y = torch.where(y < 0, logits.argmax(dim=1), y)
                 hook = getattr(model, "mia_loss", None)  # optional per-sample loss of the user's module
                 loss = hook(logits, y) if callable(hook) else F.cross_entropy(logits.float(), y, reduction="none")
                 pred = logits.argmax(dim=1)

@@ -292,3 +292,30 @@ def test_fit_end_writes_report_and_tensorboard_extras(tmp_path):
     assert acc.summary_metadata  # custom-scalars layout and hparams plugin data are present
     plugins = {m.plugin_data.plugin_name for m in acc.summary_metadata.values()}
     assert {"text", "hparams", "custom_scalars"} <= plugins, plugins
+
+
+def test_calibrated_feature_is_difference_to_reference_epoch(tmp_path):
+    import pytorch_lightning as pl
+
+    class Grab(pl.Callback):  # runs after the monitor: copies what it attacked at each epoch
+        def __init__(self, monitor):
+            self.monitor, self.seen = monitor, {}
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.seen[trainer.current_epoch] = {k: v.copy() for k, v in self.monitor.last_features.items()}
+
+    monitor = MembershipInferenceMonitor(features=["loss", "logit_scaled_confidence"], attacks=["threshold"],
+                                         calibrate=["logit_scaled_confidence"], reference_epoch=1, repeats=1,
+                                         verbose=False, report_at_end=False)
+    grab = Grab(monitor)
+    tiny_trainer(tmp_path, [monitor, grab], max_epochs=4).fit(_model(), datamodule=_dm())
+    assert "logit_scaled_confidence_calibrated" not in grab.seen[1]  # the reference epoch itself
+    for e in (2, 3):
+        np.testing.assert_allclose(grab.seen[e]["logit_scaled_confidence_calibrated"],
+                                   grab.seen[e]["logit_scaled_confidence"] - grab.seen[1]["logit_scaled_confidence"])
+    rows = read_history(str(tmp_path / "run" / "version_0" / "mia" / "history.csv"))
+    cal = sorted({r["epoch"] for r in rows if r["feature"] == "logit_scaled_confidence_calibrated"})
+    assert cal == [2, 3]
+    assert monitor.state_dict()["reference"]["epoch"] == 1
+    with pytest.raises(ValueError, match="calibrate names features that are not monitored"):
+        MembershipInferenceMonitor(features=["loss"], calibrate=["entropy"])

@@ -79,6 +79,13 @@ class MembershipInferenceMonitor(Callback):
         log_histograms: TensorBoard histograms of member / non-member scores.
         report_at_end: write ``mia/report.md`` and figures when fitting ends.
         verbose: print a summary line per audit and a progress bar for long extractions.
+        ood_sources: out-of-distribution non-member sources (``gaussian``, ``rotated``, ``inverted``,
+            ``{name: dataset, datamodule: {name: fashion_mnist}}``; see ``lightning_mia.ood``): each attack, fitted on
+            the whole audit pool, is applied to them and their FAR logged as ``mia/{feature}/{attack}/ood_{source}/far``.
+        ood_samples: samples per OOD source.
+        calibrate: feature tags to also attack difficulty-calibrated, as ``{tag}_calibrated`` = value now minus
+            the sample's value at ``reference_epoch`` (a LiRA-style per-sample reference without shadow models).
+        reference_epoch: the first audited epoch at or after it is the reference of ``calibrate``.
         audit_file: an ``audit.json`` of an earlier run, to audit exactly the same samples again.
         check_overlap: refuse non-members identical to training samples (hashes every training input once).
         member_dataset, nonmember_dataset: ``(x, y, index)`` datasets, for datamodules that do not provide
@@ -115,6 +122,10 @@ class MembershipInferenceMonitor(Callback):
         log_histograms: bool = True,
         report_at_end: bool = True,
         verbose: bool = True,
+        ood_sources: Sequence[Spec] = (),
+        ood_samples: int = 500,
+        calibrate: Sequence[str] = (),
+        reference_epoch: int = 0,
         audit_file: Optional[str] = None,
         check_overlap: bool = True,
         member_dataset: Optional[Any] = None,
@@ -173,6 +184,23 @@ class MembershipInferenceMonitor(Callback):
             raise ValueError(f"audit_file {audit_file!r} does not exist (it is the mia/audit.json of a run)")
         self.audit_file = audit_file
         self.check_overlap = check_overlap
+        calibrate = [calibrate] if isinstance(calibrate, str) else list(calibrate)
+        unknown = [t for t in calibrate if t not in [tag for tag, _, _ in self.features]]
+        if unknown:
+            raise ValueError(f"calibrate names features that are not monitored: {unknown}; monitored: "
+                             f"{[tag for tag, _, _ in self.features]}")
+        if not isinstance(reference_epoch, int) or reference_epoch < 0:
+            raise ValueError(f"reference_epoch must be an integer >= 0, got {reference_epoch!r}")
+        self.calibrate, self.reference_epoch = calibrate, reference_epoch
+        from lightning_mia.ood import OOD_SOURCES
+
+        self.ood_sources = _normalise_specs(ood_sources, "ood source", OOD_SOURCES) if ood_sources else []
+        if not isinstance(ood_samples, int) or ood_samples < 1:
+            raise ValueError(f"ood_samples must be an integer >= 1, got {ood_samples!r}")
+        self.ood_samples = ood_samples
+        self._ood: Dict[str, Any] = {}
+        self._reference: Optional[Dict[str, Any]] = None
+        self.last_features: Dict[str, np.ndarray] = {}
         self._member_dataset, self._nonmember_dataset = member_dataset, nonmember_dataset
 
         self.pool: Optional[AuditPool] = None
@@ -192,12 +220,13 @@ class MembershipInferenceMonitor(Callback):
 
     def state_dict(self) -> Dict[str, Any]:
         return {"pool": None if self.pool is None else self.pool.to_dict(), "last_epoch": self.last_epoch,
-                "seed": self.seed}
+                "seed": self.seed, "reference": self._reference}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if state_dict.get("pool") is not None:
             self.pool = AuditPool.from_dict(state_dict["pool"])
         self.last_epoch = int(state_dict.get("last_epoch", -1))
+        self._reference = state_dict.get("reference")
         self._resumed = True
 
     # ------------------------------------------------------------------ paths
@@ -226,6 +255,10 @@ class MembershipInferenceMonitor(Callback):
         from lightning_mia.features import FEATURES
 
         self._feature_objs = {tag: FEATURES[name](**options) for tag, name, options in self.features}
+        from lightning_mia.ood import build_ood_source
+
+        self._ood = {tag: build_ood_source({"name": name, **options}, nonmembers, self.ood_samples, self.seed)
+                     for tag, name, options in self.ood_sources}
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._skip_run(trainer) or trainer.global_rank != 0:
@@ -270,11 +303,13 @@ class MembershipInferenceMonitor(Callback):
     def audit(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int) -> Any:
         """Extract (sharded over ranks), attack (rank zero), broadcast, log. Returns the ``AuditResult``."""
         t0 = time.perf_counter()
-        arrays = self._extract(trainer, pl_module)
+        everything = self._extract(trainer, pl_module)
+        arrays = {k: v[everything["source"] == 0] for k, v in everything.items()}  # the audit pool
         t1 = time.perf_counter()
         result = None
         if trainer.global_rank == 0:
             result = self._attack(arrays, epoch)
+            self._attack_ood(everything, result, epoch)
         result = self._broadcast(trainer, result)
         t2 = time.perf_counter()
         self.last_epoch = epoch
@@ -292,18 +327,21 @@ class MembershipInferenceMonitor(Callback):
         members, nonmembers = self._datasets(trainer)
         rank, world = trainer.global_rank, trainer.world_size
         parts = []
-        total = (self.pool.n_members + self.pool.n_nonmembers + world - 1) // world
+        sources = [(True, members, self.pool.member_positions, "member dataset", 0),
+                   (False, nonmembers, self.pool.nonmember_positions, "non-member dataset", 0)]
+        for k, (tag, ds) in enumerate(self._ood.items(), start=1):
+            sources.append((False, ds, np.arange(len(ds)), f"OOD source {tag!r}", k))
+        total = sum((len(pos) + world - 1) // world for _, _, pos, _, _ in sources)
         bar = self._progress_bar(trainer, total)
         try:
-            for is_member, ds, positions in ((True, members, self.pool.member_positions),
-                                             (False, nonmembers, self.pool.nonmember_positions)):
+            for is_member, ds, positions, where, source in sources:
                 shard = positions[rank::world]  # disjoint shards: no padding, no duplicates
                 a = extract_pass(pl_module, ds, shard, self._feature_objs, batch_size=self.batch_size,
-                                 device=pl_module.device, progress=bar.update if bar else None,
-                                 where="member dataset" if is_member else "non-member dataset")
+                                 device=pl_module.device, progress=bar.update if bar else None, where=where)
                 a["is_member"] = np.full(len(shard), is_member)
-                # positions of the two datasets are separate: offset non-members so one sort orders both
-                a["key"] = a["position"] + (0 if is_member else 2**40)
+                a["source"] = np.full(len(shard), source)
+                # positions of the datasets are separate: offset them so one sort orders all
+                a["key"] = a["position"] + (0 if is_member else 2**40) + source * 2**41
                 parts.append(a)
         finally:
             if bar is not None:
@@ -321,13 +359,57 @@ class MembershipInferenceMonitor(Callback):
             X = arrays[f"feat:{tag}"]
             post = getattr(feat, "fit_postprocess", None)
             feats[tag] = post(X) if post is not None else X
+        feats.update(self._calibrated(feats, epoch))
+        self.last_features = feats
         target = target_metrics(arrays["is_member"], arrays["correct"], arrays["loss"])
         specs = [{"name": name, "tag": tag, **options} for tag, name, options in self.attacks]
         result = audit_arrays(feats, arrays["is_member"], arrays["correct"], arrays["label"], specs,
                               self.protocol, extra_columns=target, epoch=epoch, n_jobs=self.n_jobs,
-                              mode=self.mode, feature_kinds={tag: name for tag, name, _ in self.features})
+                              mode=self.mode, feature_kinds={**{f"{t}_calibrated": n for t, n, _ in self.features},
+                                                              **{tag: name for tag, name, _ in self.features}})
         result.target = target
         return result
+
+    def _attack_ood(self, everything: Mapping[str, np.ndarray], result: Any, epoch: int) -> None:
+        """FAR of each feature/attack on each OOD source; adds ``ood_{source}`` rows and scores to ``result``."""
+        from lightning_mia.ood import ood_far
+
+        result.ood = {}
+        if not self._ood:
+            return
+        pool = everything["source"] == 0
+        done = {(f, a) for f, a in result.scores}
+        specs = {tag: {"name": name, **options} for tag, name, options in self.attacks}
+        for k, src in enumerate(self._ood, start=1):
+            mask = everything["source"] == k
+            for tag, feat in self._feature_objs.items():
+                if getattr(feat, "max_dims", None):  # a PCA fitted on the pool has no transform for new rows
+                    continue
+                X = everything[f"feat:{tag}"]
+                for atag, spec in specs.items():
+                    if (tag, atag) not in done:
+                        continue
+                    far, scores, thr, n = ood_far(X[pool], everything["is_member"][pool], X[mask], spec,
+                                                  self.protocol["balance"], self.seed)
+                    result.ood[(src, tag, atag)] = (scores, thr)
+                    result.rows.append({"epoch": epoch, "feature": tag, "attack": atag, "slice": f"ood_{src}",
+                                        "n_members": 0, "n_nonmembers": n, "repeats": 1, "far": far,
+                                        **result.target})
+
+    def _calibrated(self, feats: Mapping[str, np.ndarray], epoch: int) -> Dict[str, np.ndarray]:
+        """Difficulty-calibrated copies ``{tag}_calibrated`` = value now − value at the reference epoch.
+
+        LiRA-style per-sample calibration without shadow models (Carlini et al. 2022; Watson et al. 2022): the
+        early-epoch model stands in for a reference model that has not memorised the sample yet, so what is left
+        is the change that training on the sample caused.
+        """
+        if not self.calibrate:
+            return {}
+        if self._reference is None:
+            if epoch >= self.reference_epoch:
+                self._reference = {"epoch": epoch, **{t: np.array(feats[t], copy=True) for t in self.calibrate}}
+            return {}
+        return {f"{t}_calibrated": np.asarray(feats[t]) - self._reference[t] for t in self.calibrate}
 
     def _broadcast(self, trainer: "pl.Trainer", result: Any) -> Any:
         if trainer.world_size > 1:
@@ -386,6 +468,9 @@ class MembershipInferenceMonitor(Callback):
             if first:
                 out["fold"] = result.folds[(f, a)]
                 first = False
+        for (src, f, a), (s, thr) in getattr(result, "ood", {}).items():
+            out[f"ood_score__{src}__{f}__{a}"] = s
+            out[f"ood_threshold__{src}__{f}__{a}"] = np.asarray(thr)
         path = os.path.join(d, "predictions", f"epoch_{epoch:04d}.npz")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         buf = io.BytesIO()
@@ -441,7 +526,8 @@ class MembershipInferenceMonitor(Callback):
         parts = [f"[MIA epoch {epoch}] train acc {tgt['train_acc']:.3f} test acc {tgt['test_acc']:.3f} "
                  f"(extract {t_extract:.1f}s, attacks {t_attack:.1f}s)"]
         for r in result.rows:
-            vals = " ".join(f"{short} {r.get(k, float('nan')):.3f}" for k, short in _SUMMARY)
+            keys = (("far", "FAR"),) if r["slice"].startswith("ood_") else _SUMMARY
+            vals = " ".join(f"{short} {r.get(k, float('nan')):.3f}" for k, short in keys)
             parts.append(f"  {r['feature']}/{r['attack']}/{r['slice']}: {vals} "
                          f"(n={r.get('n_members')}/{r.get('n_nonmembers')})")
         return "\n".join(parts)
