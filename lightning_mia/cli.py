@@ -5,6 +5,7 @@
     lightning-mia fit --help                       # every model, data, trainer and monitor (--mia.*) option
     lightning-mia report RUN_DIR [--out DIR]
     lightning-mia compare RUN_DIR RUN_DIR ... --out DIR
+    lightning-mia study CONFIG ... [--fast] [--out docs/results.md]
 """
 from __future__ import annotations
 
@@ -63,6 +64,10 @@ def main(argv: Optional[List[str]] = None) -> Any:
         from lightning_mia import report
 
         return getattr(report, f"main_{args[0]}")(args[1:])
+    if args and args[0] == "study":
+        from lightning_mia.study import main_study
+
+        return main_study(args[1:])
     return build_cli(argv)  # None: LightningCLI reads sys.argv itself
 
 

@@ -1,0 +1,51 @@
+"""The study runner's fast mode on digits (what CI exercises) and its claim checks on a hand-made history."""
+import math
+
+import pytest
+
+from lightning_mia.study import claims, main_study
+
+
+def _row(epoch, slice_, **kw):
+    base = {"epoch": epoch, "feature": "confidence", "attack": "logistic_regression", "slice": slice_,
+            "n_members": 10, "n_nonmembers": 10, "test_loss": 1.0 - 0.01 * epoch}
+    base.update(kw)
+    return base
+
+
+def test_claims_on_a_hand_made_history():
+    rows = []
+    for e in range(3):
+        rows += [_row(e, "all", balanced_accuracy=0.55, far=0.6, test_acc=0.9, naive_balanced_accuracy=0.53,
+                      **{"precision_at_ratio_5": 0.9, "precision_at_ratio_1": 0.6, "precision_at_ratio_0.2": 0.2,
+                         "balanced_accuracy_at_ratio_5": 0.55, "balanced_accuracy_at_ratio_0.2": 0.56}),
+                 _row(e, "correct", balanced_accuracy=0.51, balanced_accuracy_std=0.01),
+                 _row(e, "misclassified", balanced_accuracy=0.7)]
+    got = {c: v for c, _, v in claims(rows, {"rules": [], "best_epoch": 2, "best_value": 0.98})}
+    assert got["Attack on correctly classified samples is near chance (bal. acc. ≈ 0.5)"] == "holds"
+    assert got["Attack does better on misclassified than on correctly classified samples"] == "holds"
+    assert got["FAR is high whenever the target's accuracy is above chance"] == "holds"
+    assert got["The naive attack (member iff correctly classified) is comparable"] == "holds"
+    assert got["Table 2: member precision collapses from 5:1 to 1:5 while balanced accuracy holds"] == "holds"
+    rows[-1]["balanced_accuracy"] = 0.3
+    got = {c: v for c, _, v in claims(rows, {"rules": [], "best_epoch": 2, "best_value": 0.98})}
+    assert got["Attack does better on misclassified than on correctly classified samples"] == "does not hold"
+
+
+@pytest.mark.slow
+def test_fast_study_on_digits_writes_results(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    out = tmp_path / "results.md"
+    assert main_study([str(cfg), "--fast", "--max-epochs", "4", "--every", "2", "--out", str(out),
+                       "--runs", str(tmp_path / "runs")]) == 0
+    text = out.read_text()
+    assert "Command: `lightning-mia study" in text
+    for feature in ("confidence", "layer_-1", "layer_-2", "distance", "grad_x", "grad_w"):
+        assert f"| {feature} | logistic_regression | all |" in text, feature
+    assert "(49.98)" in text  # the paper's Table 4 number beside ours
+    assert text.count("| holds |") + text.count("| does not hold |") >= 4
+    with pytest.raises(SystemExit):
+        main_study([str(tmp_path / "missing.yaml")])
