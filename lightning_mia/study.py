@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 #: Signals of the paper (§4): confidence vector, FC layers before the softmax, boundary distance, gradient norms.
 STUDY_FEATURES: List[Any] = [
     "confidence",
+    "logit_scaled_confidence",  # LiRA's score; also attacked calibrated against the first audited epoch
     {"name": "intermediate", "tag": "layer_-1", "layers": [-1]},
     {"name": "intermediate", "tag": "layer_-2", "layers": [-2]},
     {"name": "boundary_distance", "tag": "distance"},
@@ -26,6 +27,9 @@ STUDY_FEATURES: List[Any] = [
 ]
 STUDY_ATTACKS: List[Any] = ["logistic_regression", "mlp", "random_forest", "xgboost"]
 FAST_ATTACKS: List[Any] = ["logistic_regression"]
+
+#: Out-of-distribution non-member sources of the false-alarm probe (paper 001: overconfidence far from the data).
+STUDY_OOD: List[Any] = ["gaussian", "rotated", "inverted"]
 
 #: The paper's LeNet/MNIST numbers (balanced accuracy %, FAR %), Tables 4–7: {feature: {slice: (acc, far)}}.
 PAPER_MNIST = {
@@ -52,7 +56,8 @@ def _pct(x: Any) -> str:
 
 
 def run_config(config: str, out_dir: str, fast: bool, max_epochs: Optional[int], every: Optional[int],
-               features: Sequence[Any], attacks: Sequence[Any]) -> str:
+               features: Sequence[Any], attacks: Sequence[Any], pool: Optional[int] = None,
+               ood: Sequence[Any] = ()) -> str:
     """Train one config with the study's monitor settings; returns its run directory."""
     from lightning_mia.cli import build_cli
 
@@ -62,11 +67,14 @@ def run_config(config: str, out_dir: str, fast: bool, max_epochs: Optional[int],
             "--trainer.logger.save_dir", out_dir, "--trainer.logger.name", name,
             "--trainer.enable_progress_bar", "false",
             "--mia.features", json.dumps(list(features)), "--mia.attacks", json.dumps(list(attacks)),
-            "--mia.eval_ratios", "[5, 1, 0.2]", "--mia.save_predictions", "false"]
+            "--mia.eval_ratios", "[5, 1, 0.2]", "--mia.save_predictions", "false",
+            "--mia.calibrate", '["logit_scaled_confidence"]', "--mia.ood_sources", json.dumps(list(ood)), "--mia.ood_samples", "300"]
     if max_epochs is not None:
         args += ["--trainer.max_epochs", str(max_epochs)]
     if every is not None:
         args += ["--mia.every_n_epochs", str(every)]
+    if pool is not None:
+        args += ["--mia.n_members", str(pool), "--mia.n_nonmembers", str(pool)]
     if fast:
         args += ["--mia.repeats", "2"]
     cli = build_cli(args)
@@ -147,7 +155,7 @@ def section(config: str, run_dir: str, command: str, seconds: float) -> str:
     lines += ["", "Balanced accuracy / FAR in % at the last epoch (ours; the paper's LeNet/MNIST value in brackets):", ""]
     table = []
     for (f, a, s), r in sorted(fin.items()):
-        if s.startswith("ood_"):
+        if s.startswith("ood_") or f.startswith("logit_scaled"):
             continue
         paper = PAPER_MNIST.get(f, {}).get(s)
         table.append({"feature": f, "attack": a, "slice": s, "n": f"{r.get('n_members')}/{r.get('n_nonmembers')}",
@@ -155,7 +163,30 @@ def section(config: str, run_dir: str, command: str, seconds: float) -> str:
                       "FAR": f"{_pct(r.get('far'))}" + (f" ({paper[1]})" if paper else ""),
                       "naive": _pct(r.get("naive_balanced_accuracy")), "AUC": _pct(r.get("auc"))})
     cols = [(c, c) for c in ("feature", "attack", "slice", "n", "bal. acc.", "FAR", "naive", "AUC")]
-    lines += [markdown_table(table, cols), "", "The paper's claims, checked on this run "
+    lines += [markdown_table(table, cols), ""]
+    ood = [r for (f, a, s_), r in sorted(fin.items()) if s_.startswith("ood_") and a == "logistic_regression"]
+    if ood:
+        held = {(f, a): r for (f, a, s_), r in fin.items() if s_ == "all"}
+        lines += ["False alarms on out-of-distribution inputs (FAR in %, logistic regression fitted on the whole pool; the "
+                  "held-out FAR of the same feature/attack for comparison):", "",
+                  markdown_table([{"feature": r["feature"], "attack": r["attack"], "source": r["slice"][4:],
+                                   "n": r.get("n_nonmembers"), "OOD FAR": _pct(r.get("far")),
+                                   "held-out FAR": _pct(held.get((r["feature"], r["attack"]), {}).get("far"))}
+                                  for r in ood],
+                                 [(c, c) for c in ("feature", "attack", "source", "n", "OOD FAR", "held-out FAR")]),
+                  ""]
+    cal = [(a, s_) for (f, a, s_) in fin if f == "logit_scaled_confidence_calibrated"]
+    if cal:
+        lines += ["Difficulty calibration (LiRA-style, reference = first audited epoch): TPR at 0.1% / 1% FPR and "
+                  "AUC in %, uncalibrated vs calibrated logit-scaled confidence:", "",
+                  markdown_table([{"attack": a, "slice": s_,
+                                   **{f"{k} {lab}": _pct(fin.get((feat, a, s_), {}).get(m)) for feat, lab in (
+                                       ("logit_scaled_confidence", "raw"), ("logit_scaled_confidence_calibrated", "cal."))
+                                      for m, k in (("tpr_at_0.1pct_fpr", "TPR@0.1%"), ("tpr_at_1pct_fpr", "TPR@1%"),
+                                                   ("auc", "AUC"))}} for a, s_ in sorted(cal)],
+                                 [(c, c) for c in ("attack", "slice", "TPR@0.1% raw", "TPR@0.1% cal.", "TPR@1% raw",
+                                                   "TPR@1% cal.", "AUC raw", "AUC cal.")]), ""]
+    lines += ["The paper's claims, checked on this run "
               "(confidence / logistic regression):", ""]
     lines.append(markdown_table([{"claim": c, "ours": o, "verdict": v} for c, o, v in claims(rows, run["es"])],
                                 [("claim", "claim"), ("ours", "ours"), ("verdict", "verdict")]))
@@ -168,25 +199,32 @@ def main_study(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("configs", nargs="+", help="training configs (YAML)")
     p.add_argument("--out", default="docs/results.md", help="results page to write")
     p.add_argument("--runs", default="runs/study", help="where the runs go")
+    p.add_argument("--ood", nargs="*", default=[], help="extra OOD sources, e.g. "
+                   "'{\"name\": \"dataset\", \"datamodule\": {\"name\": \"fashion_mnist\"}}'")
+    p.add_argument("--append", action="store_true", help="add sections to an existing results page")
     p.add_argument("--fast", action="store_true", help="CI mode: logistic regression only, 2 repeats")
     p.add_argument("--max-epochs", type=int, default=None)
     p.add_argument("--every", type=int, default=None, help="audit every N epochs")
+    p.add_argument("--pool", type=int, default=None,
+                   help="members and non-members each (gradient and boundary features cost per sample)")
     args = p.parse_args(argv)
     for c in args.configs:
         if not os.path.isfile(c):
             p.error(f"config {c!r} does not exist")
     attacks = FAST_ATTACKS if args.fast else STUDY_ATTACKS
-    parts = ["# Results: the paper's study on our runs", "",
+    parts = [] if args.append and os.path.isfile(args.out) else ["# Results: the paper's study on our runs", "",
              "Generated by `lightning-mia study` (lightning_mia/study.py). Balanced accuracy and FAR are means over "
              "the monitor's repeated 80/20 splits; the paper's numbers (Rezaei & Liu 2021, Tables 3–7) are for LeNet "
              "on MNIST with the authors' per-class protocol, so they compare in kind, not digit by digit.", ""]
     for config in args.configs:
         t0 = time.time()
-        run_dir = run_config(config, args.runs, args.fast, args.max_epochs, args.every, STUDY_FEATURES, attacks)
+        run_dir = run_config(config, args.runs, args.fast, args.max_epochs, args.every, STUDY_FEATURES, attacks,
+                             args.pool, STUDY_OOD + [json.loads(o) if o.startswith("{") else o for o in args.ood])
         command = "lightning-mia study " + " ".join(argv if argv is not None else sys.argv[2:])
         parts.append(section(config, run_dir, command, time.time() - t0))
     from lightning_mia.report.history import atomic_write_text
 
-    atomic_write_text(args.out, "\n".join(parts))
+    old = open(args.out).read().rstrip("\n") + "\n\n" if args.append and os.path.isfile(args.out) else ""
+    atomic_write_text(args.out, old + "\n".join(parts))
     print(args.out)
     return 0
