@@ -198,6 +198,16 @@ def bench_model(name: str, device: torch.device, sizes: Dict[str, int], repeats:
                      peak_mb=m_l / 2 ** 20,
                      note=f"batched/loop = {(len(xb) / t_b) / (kb / t_l):.1f}x (target >= 20x); "
                           f"max |diff| {max_diff:.1e}"))
+    # Upper bound of batched/loop for this algorithm: both make the same model evaluations (the batched walk
+    # evaluates only its still-active samples), so batching can gain at most the per-sample cost ratio of one
+    # direction evaluation (forward + input gradient) at batch 1 vs. the whole batch.
+    c0 = bd._predict(model, xb)
+    t1, _, _ = measure(lambda: bd._direction(model, xb[:1], c0[:1]), device, 5)
+    tn, _, _ = measure(lambda: bd._direction(model, xb, c0), device, repeats)
+    rows.append(dict(model=name, params=n_params, what="  one direction step, batch vs batch 1", n=len(xb),
+                     per_s=len(xb) / tn, peak_mb=float("nan"),
+                     note=f"model-cost ratio (bound on batching gain of the evaluations) "
+                          f"{(len(xb) / tn) / (1 / t1):.1f}x (batch-1: {1 / t1:.0f}/s)"))
     kp = sizes["paper"]
     if kp:
         paper = BoundaryDistance(preset="paper")  # clamp (0, 1) as the authors; inputs are in [0, 1]
@@ -229,7 +239,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.quick:
-        sizes = dict(grad=64, naive=16, boundary=64, boundary_loop=8, paper=4)
+        # 128 samples per boundary batch: batching pays off only with enough rows per model call.
+        sizes = dict(grad=64, naive=16, boundary=128, boundary_loop=8, paper=4)
     else:
         sizes = dict(grad=256, naive=64, boundary=256, boundary_loop=32, paper=16)
     repeats = args.repeats or (2 if args.quick else 3)

@@ -368,6 +368,53 @@ def test_gradient_norms_factorised_linear_layers_equal_materialised_ones():
                         _naive_gradient_stats(model, x, y))
 
 
+class HookLayers(nn.Module):
+    """Every layer kind of the one-backward (hook) path: strided, dilated and grouped convolutions, 2-d and
+    1-d BatchNorm, a linear layer on a (tokens, features) input and a flat one; optionally an in-place ReLU
+    that rewrites a kept output (the hook path must then fall back to vmap)."""
+
+    def __init__(self, inplace=False):
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv1 = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.token = nn.Linear(4, 3)
+        self.bn1 = nn.BatchNorm1d(12)
+        self.head = nn.Linear(12, 3)
+        with torch.no_grad():
+            for bn in (self.bn, self.bn1):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):  # x: (n, 2, 4, 4)
+        h = self.relu(self.conv2(torch.tanh(self.bn(self.conv1(x)))))  # (n, 4, 2, 2)
+        h = torch.tanh(self.token(h.flatten(2).transpose(1, 2)))  # (n, 4 tokens, 3)
+        return self.head(torch.tanh(self.bn1(h.flatten(1))))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gradient_norms_one_backward_path_matches_naive_loop(inplace):
+    from lightning_mia.features import gradients
+
+    model = HookLayers(inplace=inplace)
+    x, y = torch.randn(6, 2, 4, 4), torch.randint(0, 3, (6,))
+    params = {n: p for n, p in model.eval().named_parameters()}
+    assert gradients._hook_plan(model, params) is not None  # every layer kind is supported
+    feat = GradientNorms(per_layer=True, chunk_size=4)
+    got = feat.extract(model, x, y).double().numpy()
+    _assert_stats_close(got, _naive_gradient_stats(model, x, y, per_layer=True))
+    if not inplace:  # the vmap path gives the same values
+        vmap = GradientNorms(per_layer=True, chunk_size=4)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(gradients, "_hook_plan", lambda *args: None)
+            ref = vmap.extract(model, x, y).double().numpy()
+        _assert_stats_close(got, ref)
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 def test_moment_merging_matches_scipy_on_the_concatenation(offset):
     rng = np.random.default_rng(0)
