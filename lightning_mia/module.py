@@ -1,7 +1,7 @@
 """``ImageClassifier``: the target model as a LightningModule (model by name, optimizer and LR schedule from config)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch

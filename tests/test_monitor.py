@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import TensorDataset
 
 from lightning_mia.callbacks import MembershipInferenceMonitor
-from lightning_mia.data import IndexedDataset, SyntheticDataModule
+from lightning_mia.data import SyntheticDataModule
 from lightning_mia.module import ImageClassifier
 from lightning_mia.report.history import HISTORY_COLUMNS, read_history
 from tests.helpers import scalars, tiny_trainer

@@ -1,5 +1,4 @@
 """The study runner's fast mode on digits (what CI exercises) and its claim checks on a hand-made history."""
-import math
 
 import pytest
 

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_mia.callbacks.paths import mia_dir
 from lightning_mia.audit import (DEFAULT_RATIO, AuditPool, check_nonmembers_unseen, make_audit_pool,
@@ -19,7 +19,7 @@ from lightning_mia.audit import (DEFAULT_RATIO, AuditPool, check_nonmembers_unse
 from lightning_mia.extraction import check_item, concat_arrays, extract_pass
 from lightning_mia.pipeline import MODES, audit_arrays, target_metrics
 from lightning_mia.registry import parse_spec
-from lightning_mia.report.history import append_rows, atomic_write_text, truncate_history
+from lightning_mia.report.history import append_rows, atomic_write_bytes, truncate_history
 
 Spec = Union[str, Dict[str, Any]]
 SLICES = ("all", "correct", "misclassified")
@@ -441,15 +441,13 @@ class MembershipInferenceMonitor(Callback):
         writer = self._writer(trainer)
         if writer is None:
             return
-        try:
-            from lightning_mia.report import tensorboard as tb
-        except ImportError:
-            return
-        if not self._layout_written and hasattr(tb, "add_custom_scalars_layout"):
+        from lightning_mia.report import tensorboard as tb
+
+        if not self._layout_written:
             combos = sorted({(r["feature"], r["attack"]) for r in result.rows})
             tb.add_custom_scalars_layout(writer, combos, self.protocol["slices"])
             self._layout_written = True
-        if self.log_histograms and hasattr(tb, "add_score_histograms"):
+        if self.log_histograms:
             member = np.asarray(arrays["is_member"], bool)
             for (f, a), s in result.scores.items():
                 ok = np.isfinite(s)
@@ -471,16 +469,9 @@ class MembershipInferenceMonitor(Callback):
         for (src, f, a), (s, thr) in getattr(result, "ood", {}).items():
             out[f"ood_score__{src}__{f}__{a}"] = s
             out[f"ood_threshold__{src}__{f}__{a}"] = np.asarray(thr)
-        path = os.path.join(d, "predictions", f"epoch_{epoch:04d}.npz")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         buf = io.BytesIO()
         np.savez_compressed(buf, **out)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(os.path.join(d, "predictions", f"epoch_{epoch:04d}.npz"), buf.getvalue())
 
     def _log_progress_bar(self, pl_module: "pl.LightningModule", result: Any) -> None:
         head = next((r for r in result.rows if r["slice"] == "all"), None)
