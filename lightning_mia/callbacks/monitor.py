@@ -297,7 +297,7 @@ class MembershipInferenceMonitor(Callback):
         root = next((lg.save_dir for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if root is not None:
             lines.append(f"TensorBoard: tensorboard --logdir {root}")
-        self._print(trainer, "\n".join(lines))
+        print("\n".join(lines))  # the progress bars are closed by now: their print() would drop it
 
     # ------------------------------------------------------------------ work
     def audit(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int) -> Any:
