@@ -458,12 +458,7 @@ class GradientNorms(Feature):
         finally:
             for h in handles:
                 h.remove()
-        out: Dict[str, object] = {"weights": torch.cat(w_stats)}
-        if want_x:
-            out["input"] = torch.cat(x_stats)
-        if self.per_layer:
-            out["layers"] = [torch.cat([chunk[i] for chunk in layer_stats]) for i in range(len(self._param_names))]
-        return out
+        return self._assemble(w_stats, x_stats, layer_stats, want_x)
 
     def _with_hooks(self, model: nn.Module, x: Tensor, y: Tensor, params: Dict[str, Tensor],
                     plan: Dict[str, Tuple[str, nn.Module, str]]) -> Optional[Dict[str, object]]:
@@ -533,6 +528,11 @@ class GradientNorms(Feature):
         finally:
             for h in handles:
                 h.remove()
+        return self._assemble(w_stats, x_stats, layer_stats, want_x)
+
+    def _assemble(self, w_stats: List[Tensor], x_stats: List[Tensor], layer_stats: List[List[Tensor]],
+                  want_x: bool) -> Dict[str, object]:
+        """Per-chunk statistics of either gradient path, concatenated over chunks."""
         out: Dict[str, object] = {"weights": torch.cat(w_stats)}
         if want_x:
             out["input"] = torch.cat(x_stats)
