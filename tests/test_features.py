@@ -429,6 +429,25 @@ def test_moment_merging_matches_scipy_on_the_concatenation(offset):
     np.testing.assert_allclose(got, ref, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_pooled_small_tensors_match_scipy_on_the_concatenation(per_tensor):
+    from lightning_mia.features.gradients import _Pooled
+
+    rng = np.random.default_rng(1)
+    widths = [3, 50, 2, 700, 20, 9]  # with small=64 x 4 rows: some pooled together, 700 reduced alone
+    parts = [rng.standard_t(4, size=(4, n)) * (0.1 + i) for i, n in enumerate(widths)]
+    pooled = _Pooled(per_tensor=per_tensor, small=256)
+    for part in parts[:-1]:
+        pooled.add(torch.tensor(part, dtype=torch.float64).reshape(4, -1, 1))  # any trailing shape
+    pooled.add_moments(moments(torch.tensor(parts[-1], dtype=torch.float64)))
+    total, each = pooled.result()
+    ref = np.array([_scipy_stats(row) for row in np.concatenate(parts, axis=1)])
+    np.testing.assert_allclose(total.numpy(), ref, rtol=1e-8, atol=1e-12)
+    assert len(each) == (len(parts) if per_tensor else 0)
+    for part, got in zip(parts, each):
+        np.testing.assert_allclose(got.numpy(), np.array([_scipy_stats(row) for row in part]), rtol=1e-8)
+
+
 def test_zero_variance_gradient_gives_zero_skew_and_kurtosis():
     m = moments(torch.zeros(2, 10))
     out = finalize_moments(m).numpy()
@@ -503,6 +522,24 @@ def test_boundary_batched_equals_per_sample_loop_and_presets_agree():
     assert torch.isfinite(paper).all()
     # Same gradient path at a coarser resolution: equal up to curvature over one coarse step.
     np.testing.assert_allclose(batched[near].numpy(), paper.numpy(), rtol=0.03, atol=2e-3)
+
+
+@pytest.mark.parametrize("preset", ["fast", "paper"])
+def test_boundary_refilled_working_set_equals_one_batch(preset):
+    # max_rows=3 walks 3 samples at a time and refills slots as samples finish (walks of different lengths,
+    # gradients refreshed at different steps per slot with the paper preset's grad_every=10).
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 4))
+    x = torch.randn(40, 3) * 0.5
+    one = BoundaryDistance(preset=preset, clamp=None, max_rows=64).extract(model, x, None)[:, 0]
+    if preset == "paper":  # keep the 0.001-step walks short
+        x = x[torch.argsort(one)[:10]]
+        one = BoundaryDistance(preset=preset, clamp=None, max_rows=64).extract(model, x, None)[:, 0]
+    assert torch.isfinite(one).all()
+    refilled = BoundaryDistance(preset=preset, clamp=None, max_rows=3).extract(model, x, None)[:, 0]
+    np.testing.assert_allclose(refilled.numpy(), one.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="max_rows"):
+        BoundaryDistance(max_rows=0)
 
 
 def test_boundary_saturated_softmax_and_linf_direction():

@@ -21,7 +21,10 @@ What exactly is computed here
   zero the direction; if it still underflows, the direction of the margin ``z_r - z_c`` to the runner-up
   class ``r`` (the limit of the loss gradient) is used.
 * Walk: every sample moves by its own step, ``x <- clip(x + s * dir)``; a sample stops when its predicted
-  class changes (whole batch at once, per-sample masks, no Python loop over samples).
+  class changes (whole batch at once, per-sample masks, no Python loop over samples). Samples walk in a
+  working set of ``max_rows`` slots refilled from the batch as walks finish, so model calls stay full while
+  walks of very different lengths end; on CPU the input gradient of stride-1 convolutions is computed as a
+  flipped-kernel forward convolution (``conv_backward.py``; ~2x faster steps on LeNet).
   ``preset="paper"``: ``s = 0.001`` fixed, at most 8000 steps, the gradient refreshed every 10 steps, inputs
   clipped to ``[0, 1]``, at most 500 halvings, ``theta = 1e-4`` -- all values from the authors'
   ``dist_to_boundary`` (``eps_step=0.001, fgsm_max_steps=8000, boundary_steps=500``, threshold ``0.0001``,
@@ -82,6 +85,7 @@ from lightning_mia.features.base import (
     eval_mode,
     iter_chunks,
 )
+from lightning_mia.features.conv_backward import fast_conv_input_grad
 
 __all__ = ["BoundaryDistance", "PRESETS", "NORMS"]
 
@@ -148,6 +152,10 @@ class BoundaryDistance(Feature):
         label_only: use predicted labels only, along ``n_directions`` random directions.
         n_directions: number of random directions for ``label_only``.
         seed: seed of the random directions.
+        max_rows: most samples walked at once (a working set refilled as samples finish, so that model calls
+            stay full). ``None``: 32 on CPU -- per sample, batches of 16-64 run LeNet and ResNet-20 fastest
+            here (larger ones fall out of cache) and a small working set shortens the tail of long walks --
+            and 1024 on other devices.
 
     Example:
         >>> import torch
@@ -175,6 +183,7 @@ class BoundaryDistance(Feature):
         label_only: bool = False,
         n_directions: int = 32,
         seed: int = 0,
+        max_rows: Optional[int] = None,
     ) -> None:
         check_choice("preset", preset, tuple(PRESETS))
         cfg = dict(PRESETS[preset])
@@ -206,6 +215,9 @@ class BoundaryDistance(Feature):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
+        if max_rows is not None:
+            check_positive("max_rows", max_rows, integer=True)
+        self.max_rows = max_rows
         self.last_failures = 0
         self.total_failures = 0
         self._directions: Dict[Tuple[Any, ...], Tensor] = {}
@@ -229,11 +241,15 @@ class BoundaryDistance(Feature):
     def _clip(self, x: Tensor) -> Tensor:
         return x if self.clamp is None else x.clamp(self.clamp[0], self.clamp[1])
 
-    def _direction(self, model: nn.Module, x: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
-        """(predicted class at x, normalised ascent direction of sum_k (p_k - onehot(c)_k)^2 at x)."""
+    def _direction(self, model: nn.Module, x: Tensor, c: Tensor, fresh: Optional[Tensor] = None
+                   ) -> Tuple[Tensor, Tensor]:
+        """(predicted class at x, normalised ascent direction of sum_k (p_k - onehot(c)_k)^2 at x); where
+        ``fresh`` is set, ``c`` is the class predicted at x."""
         x = x.detach().requires_grad_(True)
         z = model(x)
         pred = z.detach().argmax(dim=1)
+        if fresh is not None:
+            c = torch.where(fresh, pred, c)
         with torch.no_grad():
             p = _softmax64(z)
             a = 2.0 * (p - torch.nn.functional.one_hot(c, p.shape[1]).double())  # dL/dp
@@ -258,6 +274,11 @@ class BoundaryDistance(Feature):
                 d = g / _bcast(torch.where(n > 0, n, torch.ones_like(n)), g)
         return pred, d.detach()
 
+    def _rows(self, x: Tensor) -> int:
+        if self.max_rows is not None:
+            return self.max_rows
+        return 32 if x.device.type == "cpu" else 1024
+
     @torch.no_grad()
     def _predict(self, model: nn.Module, x: Tensor) -> Tensor:
         return model(x).argmax(dim=1)
@@ -276,7 +297,7 @@ class BoundaryDistance(Feature):
             if self.label_only:
                 dist = self._label_only(model, x0)
             else:
-                with autograd_on():
+                with autograd_on(), fast_conv_input_grad(model):
                     dist = self._gradient_walk(model, x0)
         failures = int(torch.isnan(dist).sum())
         self.last_failures = failures
@@ -290,44 +311,76 @@ class BoundaryDistance(Feature):
         return dist[:, None].float()
 
     def _gradient_walk(self, model: nn.Module, x0: Tensor) -> Tensor:
-        n = len(x0)
-        dev = x0.device
-        c = self._predict(model, x0)
-        d = self._direction(model, x0, c)[1]
-        x = x0.clone()
-        s = torch.full((n,), self.step, dtype=x0.dtype, device=dev)
-        growing = torch.ones(n, dtype=torch.bool, device=dev)
-        active = torch.ones(n, dtype=torch.bool, device=dev)
-        found = torch.zeros(n, dtype=torch.bool, device=dev)
+        """Walk every sample to its class's boundary; return the L2 distances (NaN where not found).
+
+        Samples walk in a working set of at most ``max_rows`` slots that is refilled from the queue as samples
+        finish, so every model call stays full until the queue is empty (walk lengths differ ~10x between
+        samples; without refilling, the long tail would run at a few rows per call). A slot's first evaluation
+        is at the sample itself and gives its class ``c`` and first direction; each later one is a step.
+        """
+        n, dev = len(x0), x0.device
+        rows = min(n, self._rows(x0))
+        c_all = torch.zeros(n, dtype=torch.long, device=dev)
         lo, hi = x0.clone(), x0.clone()
+        found = torch.zeros(n, dtype=torch.bool, device=dev)
+        # Slot state.
+        sid = torch.full((rows,), -1, dtype=torch.long, device=dev)  # sample in the slot, -1: free
+        x = torch.empty((rows,) + x0.shape[1:], dtype=x0.dtype, device=dev)
+        d = torch.zeros_like(x)
+        c = torch.zeros(rows, dtype=torch.long, device=dev)
+        s = torch.zeros(rows, dtype=x0.dtype, device=dev)
+        steps = torch.zeros(rows, dtype=torch.long, device=dev)
+        growing = torch.ones(rows, dtype=torch.bool, device=dev)
+        fresh = torch.zeros(rows, dtype=torch.bool, device=dev)
         tol = self.min_step * (1 + 1e-6)
         cos_reject = None if self.max_turn is None else math.cos(math.radians(self.max_turn))
         cos_grow = None if self.max_turn is None else math.cos(math.radians(self.max_turn / 2))
-        for t in range(self.max_steps):
-            idx = active.nonzero().squeeze(1)
+        queued = 0
+        while True:
+            free = (sid < 0).nonzero().squeeze(1)
+            k = min(free.numel(), n - queued)
+            if k:
+                f, ids = free[:k], torch.arange(queued, queued + k, device=dev)
+                queued += k
+                sid[f], x[f], s[f], steps[f] = ids, x0[ids], self.step, 0
+                growing[f], fresh[f] = True, True
+            idx = (sid >= 0).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            xa, sa, da = x[idx], s[idx], d[idx]
-            x_new = self._clip(xa + _bcast(sa, xa) * da)
-            refresh = (t + 1) % self.grad_every == 0
-            if refresh:
-                pred, d_new = self._direction(model, x_new, c[idx])
+            fr = fresh[idx]
+            xa, sa, da, ca = x[idx], s[idx], d[idx], c[idx]
+            x_new = torch.where(_bcast(fr, xa), xa, self._clip(xa + _bcast(sa, xa) * da))
+            refresh = fr | ((steps[idx] + 1) % self.grad_every == 0)
+            pred = torch.empty_like(ca)
+            d_new = torch.zeros_like(xa)
+            if refresh.all():
+                pred, d_new = self._direction(model, x_new, ca, fr)
             else:
-                pred, d_new = self._predict(model, x_new), None
-            flipped = pred != c[idx]
+                ri, pi = refresh.nonzero().squeeze(1), (~refresh).nonzero().squeeze(1)
+                if ri.numel():
+                    pred[ri], d_new[ri] = self._direction(model, x_new[ri], ca[ri], fr[ri])
+                pred[pi] = self._predict(model, x_new[pi])
+            # First evaluation of a slot: the sample's class and direction; no step taken.
+            if fr.any():
+                fi = idx[fr]
+                c[fi], d[fi] = pred[fr], d_new[fr]
+                c_all[sid[fi]] = pred[fr]
+                fresh[fi] = False
+            stepped = ~fr
+            flipped = stepped & (pred != ca)
             done = flipped & (sa <= tol)
             reject = flipped & ~done
             smooth = torch.ones_like(flipped)
-            if cos_reject is not None and d_new is not None:
+            if cos_reject is not None:
                 cos = _cosine(da, d_new)
                 # The path bends too much over this step: redo it shorter (down to min_step).
-                reject |= ~flipped & (cos < cos_reject) & (sa > tol)
-                smooth = cos >= cos_grow
-            moved = ~flipped & ~reject
+                reject |= stepped & refresh & ~flipped & (cos < cos_reject) & (sa > tol)
+                smooth = ~refresh | (cos >= cos_grow)
+            moved = stepped & ~flipped & ~reject
             # A step that does not move the point (clipped against the input range) will never flip.
             stuck = moved & (x_new == xa).flatten(1).all(dim=1)
             if done.any():
-                di = idx[done]
+                di = sid[idx[done]]
                 lo[di], hi[di] = xa[done], x_new[done]
                 found[di] = True
             if reject.any():
@@ -337,15 +390,17 @@ class BoundaryDistance(Feature):
             if moved.any():
                 mi = idx[moved]
                 x[mi] = x_new[moved]
-                if d_new is not None:
-                    d[mi] = d_new[moved]
+                upd = moved & refresh
+                d[idx[upd]] = d_new[upd]
                 grow = growing[mi] & smooth[moved]
                 s[mi] = torch.where(grow, sa[moved] * self.growth, sa[moved])
-            active[idx[done | stuck]] = False
+            steps[idx[stepped]] += 1
+            finished = done | stuck | (stepped & (steps[idx] >= self.max_steps))
+            sid[idx[finished]] = -1
         dist = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
         fi = found.nonzero().squeeze(1)
         if fi.numel():
-            point = self._bisect(model, lo[fi], hi[fi], c[fi])
+            point = self._bisect(model, lo[fi], hi[fi], c_all[fi])
             dist[fi] = (point - x0[fi]).double().flatten(1).norm(dim=1)
         return dist
 

@@ -25,13 +25,15 @@ When every trainable parameter belongs to an ``nn.Linear``, an ``nn.Conv2d`` (nu
 mode) or an eval-mode BatchNorm with running statistics, each run once per forward (LeNet, ResNet, ...), all
 per-sample gradients come from one batched forward and one backward pass (as in Opacus / BackPACK): forward
 hooks keep each layer's input and output, ``autograd.grad`` of the summed loss gives the output gradients and
-``dL/dx``, and the per-sample weight gradients follow per layer (convolutions: one grouped convolution with a
-group per sample; BatchNorm: ``sum(g * x_hat)`` and ``sum(g)``; linear: ``g^T a``). Otherwise (other
+``dL/dx`` (on CPU, stride-1 convolutions back-propagate with a flipped-kernel forward convolution, 2-4x faster
+than oneDNN's backward there: ``conv_backward.py``), and the per-sample weight gradients follow per layer
+(convolutions: one grouped convolution with a group per sample; BatchNorm: ``sum(g * x_hat)`` and ``sum(g)``; linear: ``g^T a``). Otherwise (other
 parameterised layers, shared layers, or a kept tensor modified in place later in the forward) per-sample
 gradients come from ``torch.func`` (``vmap(grad(functional_call(model, ...)))``) on the model in
 eval mode (BatchNorm uses its running statistics, so samples are independent and per-sample gradients are
 exact), in chunks of ``chunk_size`` samples. Each chunk's per-sample gradients are reduced to statistics one
-parameter tensor at a time and freed: each tensor (in cache-sized column blocks) contributes its count, mean,
+parameter tensor at a time and freed (small tensors -- biases, BatchNorm vectors -- pooled into one reduction):
+each tensor (in cache-sized column blocks) contributes its count, mean,
 central moment sums ``M2, M3, M4``, L1 norm, sum of squares and min / max ``|g|``, and the pieces are merged
 with the pairwise update formulas of Pebay (2008) in float64, which are exact (no raw power sums over mixed
 tensors, so no cancellation). Weights of ``nn.Linear`` layers applied once to a flat input are not
@@ -73,6 +75,7 @@ from lightning_mia.features.base import (
     eval_mode,
     iter_chunks,
 )
+from lightning_mia.features.conv_backward import fast_conv_input_grad
 
 __all__ = ["GradientNorms", "STAT_NAMES", "WRT", "Moments", "moments", "merge_moments", "finalize_moments",
            "gradient_statistics"]
@@ -172,6 +175,48 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
         amin=torch.minimum(a.amin, b.amin),
         amax=torch.maximum(a.amax, b.amax),
     )
+
+
+class _Pooled:
+    """Moments of the union of many per-sample gradient tensors, added one at a time (``(n, k)`` gradients or
+    ready :class:`Moments`). Small gradients are concatenated and reduced together once ``small`` entries are
+    pending -- one reduction instead of one per tensor (LeNet's conv and bias tensors, ResNet's ~40 BatchNorm
+    vectors: ~20 small ops each). With ``per_tensor`` every gradient is reduced on its own and its moments are
+    kept in :attr:`tensors` (``per_layer=True``)."""
+
+    def __init__(self, per_tensor: bool = False, small: int = 2 ** 16) -> None:
+        self.per_tensor, self.small = per_tensor, small
+        self.total: Optional[Moments] = None
+        self.tensors: List[Moments] = []
+        self._pending: List[Tensor] = []
+        self._size = 0
+
+    def add_moments(self, m: Moments) -> None:
+        self.total = m if self.total is None else merge_moments(self.total, m)
+        if self.per_tensor:
+            self.tensors.append(m)
+
+    def add(self, g: Tensor) -> None:
+        g = g.reshape(len(g), -1)
+        if self.per_tensor or g.numel() >= self.small:
+            self.add_moments(moments(g))
+            return
+        self._pending.append(g)
+        self._size += g.numel()
+        if self._size >= self.small:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.add_moments(moments(torch.cat(self._pending, dim=1)))
+            self._pending, self._size = [], 0
+
+    def result(self) -> Tuple[Tensor, List[Tensor]]:
+        """(the seven statistics of everything added, those of each tensor when ``per_tensor``)."""
+        self._flush()
+        if self.total is None:
+            raise ValueError("cannot summarise an empty gradient")
+        return finalize_moments(self.total), [finalize_moments(m) for m in self.tensors]
 
 
 def finalize_moments(m: Moments) -> Tensor:
@@ -388,8 +433,9 @@ class GradientNorms(Feature):
     def _input_grads(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         # In eval mode samples do not interact, so d(sum of losses)/dx_i = dL_i/dx_i.
         x = x.clone().requires_grad_(True)
-        loss = F.cross_entropy(model(x), y, reduction="sum")
-        (gx,) = torch.autograd.grad(loss, x)
+        with fast_conv_input_grad(model):
+            loss = F.cross_entropy(model(x), y, reduction="sum")
+            (gx,) = torch.autograd.grad(loss, x)
         return gx
 
     def _with_weights(self, model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, object]:
@@ -401,7 +447,10 @@ class GradientNorms(Feature):
         self._param_names = list(params)
         plan = _hook_plan(model, params)
         if plan is not None:
-            out = self._with_hooks(model, x, y, params, plan)
+            # Autograd gives only input and layer-output gradients here: convolutions may back-propagate with
+            # the faster flipped-kernel convolution (conv_backward.py).
+            with fast_conv_input_grad(model):
+                out = self._with_hooks(model, x, y, params, plan)
             if out is not None:
                 return out
         buffers = dict(model.named_buffers())
@@ -438,19 +487,14 @@ class GradientNorms(Feature):
                     for path, (w, _) in factored.items()
                 }
                 del gprobe, acts
-                total: Optional[Moments] = None
-                per_layer = []
+                pooled = _Pooled(self.per_layer)
                 for name in self._param_names:
                     if name in factored_moments:
-                        m = factored_moments.pop(name)
+                        pooled.add_moments(factored_moments.pop(name))
                     else:
-                        g = gw.pop(name)  # drop the chunk's gradient of this tensor as soon as it is reduced
-                        m = moments(g.reshape(g.shape[0], -1))
-                        del g
-                    total = m if total is None else merge_moments(total, m)
-                    if self.per_layer:
-                        per_layer.append(finalize_moments(m))
-                w_stats.append(finalize_moments(total))
+                        pooled.add(gw.pop(name))  # dropped from the chunk's gradients once reduced
+                w, per_layer = pooled.result()
+                w_stats.append(w)
                 layer_stats.append(per_layer)
                 if want_x:
                     x_stats.append(gradient_statistics(gx))
@@ -505,22 +549,17 @@ class GradientNorms(Feature):
                 acts = {path: seen[path][0][0].detach() for path in plan}
                 seen.clear()
                 del loss, kept, outs
-                total: Optional[Moments] = None
-                per_layer = []
+                pooled = _Pooled(self.per_layer)
                 for name in self._param_names:
                     path, pname = owner[name]
                     kind, mod, _ = plan[path]
                     g, a = gouts[path], acts[path]
                     if self.factorize and kind == "linear" and pname == "weight" and a.dim() == 2:
-                        m = _outer_moments(g, a)
+                        pooled.add_moments(_outer_moments(g, a))
                     else:
-                        gw = _layer_grads(kind, mod, a, g, pname)
-                        m = moments(gw.reshape(len(gw), -1))
-                        del gw
-                    total = m if total is None else merge_moments(total, m)
-                    if self.per_layer:
-                        per_layer.append(finalize_moments(m))
-                w_stats.append(finalize_moments(total))
+                        pooled.add(_layer_grads(kind, mod, a, g, pname))
+                w, per_layer = pooled.result()
+                w_stats.append(w)
                 layer_stats.append(per_layer)
                 if want_x:
                     x_stats.append(gradient_statistics(gx))
