@@ -109,8 +109,10 @@ def audit_arrays(
         n_dropped = int(n - keep.sum())
         result.dropped[fname] = n_dropped
         if n_dropped:
-            warnings.warn(f"{n_dropped} of {n} audit samples have non-finite {fname!r} values (NaN/inf model "
-                          f"outputs?) and were excluded from its attacks", RuntimeWarning, stacklevel=2)
+            why = ("samples whose boundary walk failed" if (feature_kinds or {}).get(fname) == "boundary_distance"
+                   else "NaN/inf model outputs?")
+            warnings.warn(f"{n_dropped} of {n} audit samples have non-finite {fname!r} values ({why}) and were "
+                          "excluded from its attacks", RuntimeWarning, stacklevel=2)
         for aspec in attack_specs:
             aname, aspec = spec_name(aspec), strip_tag(aspec)
             if mode == "paper" and (aname if isinstance(aspec, str) else aspec["name"]) not in PAPER_ATTACKS:

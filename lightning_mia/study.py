@@ -81,6 +81,39 @@ def run_config(config: str, out_dir: str, fast: bool, max_epochs: Optional[int],
     return cli.trainer.logger.log_dir
 
 
+def fc_layers(config: str) -> int:
+    """Number of ``nn.Linear`` layers of the config's model (built without training or logging)."""
+    from torch import nn
+
+    from lightning_mia.cli import build_cli
+
+    cli = build_cli(["--config", config, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"],
+                    run=False)
+    model = cli.model
+    if getattr(model, "net", True) is None:  # ImageClassifier builds its network from the data's shapes
+        dm = cli.datamodule
+        dm.prepare_data()
+        dm.setup("fit")
+        model._build(dm.num_classes, tuple(dm.input_shape))
+    return sum(isinstance(m, nn.Linear) for m in model.modules())
+
+
+def applicable_features(features: Sequence[Any], n_fc: int) -> Tuple[List[Any], List[str]]:
+    """``(features the model supports, notes on the ones dropped)``: the paper attacks intermediate layers only
+    at its FC layers (§5.2), so layer ``-k`` needs ``k`` of them (bearpaw's AlexNet/ResNet/DenseNet have one)."""
+    keep, notes = [], []
+    for f in features:
+        layers = f.get("layers", [-1]) if isinstance(f, Mapping) and f.get("name") == "intermediate" else []
+        need = max((-int(v) for v in layers if isinstance(v, int)), default=0)
+        if need > n_fc:
+            notes.append(f"`{f.get('tag', 'intermediate')}` not run: the model has {n_fc} fully connected "
+                         f"layer{'s' if n_fc != 1 else ''} and the paper attacks intermediate outputs only at FC "
+                         "layers (§5.2; its CIFAR rows have layer −1 only)")
+        else:
+            keep.append(f)
+    return keep, notes
+
+
 def final_rows(rows: Sequence[Mapping[str, Any]]) -> Dict[Tuple[str, str, str], Mapping[str, Any]]:
     last = max(int(r["epoch"]) for r in rows)
     return {(r["feature"], r["attack"], r["slice"]): r for r in rows if int(r["epoch"]) == last}
@@ -140,7 +173,7 @@ def claims(rows: Sequence[Mapping[str, Any]], es: Mapping[str, Any]) -> List[Tup
     return out
 
 
-def section(config: str, run_dir: str, command: str, seconds: float) -> str:
+def section(config: str, run_dir: str, command: str, seconds: float, notes: Sequence[str] = ()) -> str:
     from lightning_mia.report import load_run
     from lightning_mia.report.tables import markdown_table
 
@@ -148,6 +181,7 @@ def section(config: str, run_dir: str, command: str, seconds: float) -> str:
     rows, fin = run["rows"], final_rows(run["rows"])
     last = max(int(r["epoch"]) for r in rows)
     lines = [f"## `{config}`", "", f"Command: `{command}` ({seconds / 60:.1f} min here). Run: `{run_dir}`.", ""]
+    lines += [f"Note: {n}." for n in notes] + ([""] if notes else [])
     any_row = next(iter(fin.values()))
     lines.append(f"Target at the last epoch ({last}): train acc {_pct(any_row.get('train_acc'))}%, test acc "
                  f"{_pct(any_row.get('test_acc'))}% (paper, LeNet/MNIST: {PAPER_MNIST_TARGET['train_acc']}% / "
@@ -220,10 +254,13 @@ def main_study(argv: Optional[Sequence[str]] = None) -> int:
              ""]
     for config in args.configs:
         t0 = time.time()
-        run_dir = run_config(config, args.runs, args.fast, args.max_epochs, args.every, STUDY_FEATURES, attacks,
+        features, notes = applicable_features(STUDY_FEATURES, fc_layers(config))
+        for n in notes:
+            print(f"study: {config}: {n}")
+        run_dir = run_config(config, args.runs, args.fast, args.max_epochs, args.every, features, attacks,
                              args.pool, STUDY_OOD + [json.loads(o) if o.startswith("{") else o for o in args.ood])
         command = "lightning-mia study " + " ".join(argv if argv is not None else sys.argv[2:])
-        parts.append(section(config, run_dir, command, time.time() - t0))
+        parts.append(section(config, run_dir, command, time.time() - t0, notes))
     from lightning_mia.report.history import atomic_write_text
 
     old = open(args.out).read().rstrip("\n") + "\n\n" if args.append and os.path.isfile(args.out) else ""

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightning_mia.study import claims, main_study
+from lightning_mia.study import STUDY_FEATURES, applicable_features, claims, fc_layers, main_study
 
 
 def _row(epoch, slice_, **kw):
@@ -48,3 +48,17 @@ def test_fast_study_on_digits_writes_results(tmp_path, monkeypatch):
     assert text.count("| holds |") + text.count("| does not hold |") >= 4
     with pytest.raises(SystemExit):
         main_study([str(tmp_path / "missing.yaml")])
+
+
+def test_intermediate_layers_beyond_the_models_fc_layers_are_dropped_with_a_note(tmp_path):
+    # The quick-start LeNet has 3 FC layers (120 -> 84 -> 10), bearpaw's ResNet one classifier layer.
+    assert fc_layers("configs/quickstart.yaml") == 3
+    text = open("configs/quickstart.yaml").read().replace("model: lenet", "model: resnet20")
+    (tmp_path / "resnet.yaml").write_text(text)
+    assert fc_layers(str(tmp_path / "resnet.yaml")) == 1
+    keep, notes = applicable_features(STUDY_FEATURES, 3)
+    assert keep == STUDY_FEATURES and notes == []
+    keep, notes = applicable_features(STUDY_FEATURES, 1)
+    tags = [f.get("tag") for f in keep if isinstance(f, dict)]
+    assert "layer_-1" in tags and "layer_-2" not in tags and len(keep) == len(STUDY_FEATURES) - 1
+    assert len(notes) == 1 and "layer_-2" in notes[0] and "1 fully connected layer " in notes[0]
