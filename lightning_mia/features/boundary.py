@@ -351,11 +351,10 @@ class BoundaryDistance(Feature):
             xa, sa, da, ca = x[idx], s[idx], d[idx], c[idx]
             x_new = torch.where(_bcast(fr, xa), xa, self._clip(xa + _bcast(sa, xa) * da))
             refresh = fr | ((steps[idx] + 1) % self.grad_every == 0)
-            pred = torch.empty_like(ca)
-            d_new = torch.zeros_like(xa)
             if refresh.all():
                 pred, d_new = self._direction(model, x_new, ca, fr)
-            else:
+            else:  # paper preset: directions every grad_every steps, forward passes in between
+                pred, d_new = torch.empty_like(ca), torch.zeros_like(xa)
                 ri, pi = refresh.nonzero().squeeze(1), (~refresh).nonzero().squeeze(1)
                 if ri.numel():
                     pred[ri], d_new[ri] = self._direction(model, x_new[ri], ca[ri], fr[ri])
