@@ -415,6 +415,16 @@ def test_gradient_norms_one_backward_path_matches_naive_loop(inplace):
         _assert_stats_close(got, ref)
 
 
+def test_conv_weight_gradients_in_sample_chunks_match_naive_loop(monkeypatch):
+    from lightning_mia.features import gradients
+
+    monkeypatch.setattr(gradients, "_GROUPED_CHANNELS", 5)  # HookLayers' 4-channel convs: one sample per grouped conv
+    model = HookLayers(inplace=False).eval()
+    x, y = torch.randn(7, 2, 4, 4), torch.randint(0, 3, (7,))
+    got = GradientNorms(per_layer=True).extract(model, x, y).double().numpy()
+    _assert_stats_close(got, _naive_gradient_stats(model, x, y, per_layer=True))
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 def test_moment_merging_matches_scipy_on_the_concatenation(offset):
     rng = np.random.default_rng(0)
