@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -267,7 +268,7 @@ def main_study(argv: Optional[Sequence[str]] = None) -> int:
             print(f"study: {config}: {n}")
         run_dir = run_config(config, args.runs, args.fast, args.max_epochs, args.every, features, attacks,
                              args.pool, STUDY_OOD + [json.loads(o) if o.startswith("{") else o for o in args.ood])
-        command = "lightning-mia study " + " ".join(argv if argv is not None else sys.argv[2:])
+        command = "lightning-mia study " + shlex.join(argv if argv is not None else sys.argv[2:])  # copy-pastable
         parts.append(section(config, run_dir, command, time.time() - t0, notes))
     from lightning_mia.report.history import atomic_write_text
 
