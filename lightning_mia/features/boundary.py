@@ -320,14 +320,13 @@ class BoundaryDistance(Feature):
         """
         n, dev = len(x0), x0.device
         rows = min(n, self._rows(x0))
-        c_all = torch.zeros(n, dtype=torch.long, device=dev)
+        c = torch.zeros(n, dtype=torch.long, device=dev)  # class predicted at each sample (set on its first call)
         lo, hi = x0.clone(), x0.clone()
         found = torch.zeros(n, dtype=torch.bool, device=dev)
         # Slot state.
         sid = torch.full((rows,), -1, dtype=torch.long, device=dev)  # sample in the slot, -1: free
         x = torch.empty((rows,) + x0.shape[1:], dtype=x0.dtype, device=dev)
         d = torch.zeros_like(x)
-        c = torch.zeros(rows, dtype=torch.long, device=dev)
         s = torch.zeros(rows, dtype=x0.dtype, device=dev)
         steps = torch.zeros(rows, dtype=torch.long, device=dev)
         growing = torch.ones(rows, dtype=torch.bool, device=dev)
@@ -348,7 +347,7 @@ class BoundaryDistance(Feature):
             if idx.numel() == 0:
                 break
             fr = fresh[idx]
-            xa, sa, da, ca = x[idx], s[idx], d[idx], c[idx]
+            xa, sa, da, ca = x[idx], s[idx], d[idx], c[sid[idx]]
             x_new = torch.where(_bcast(fr, xa), xa, self._clip(xa + _bcast(sa, xa) * da))
             refresh = fr | ((steps[idx] + 1) % self.grad_every == 0)
             if refresh.all():
@@ -362,8 +361,7 @@ class BoundaryDistance(Feature):
             # First evaluation of a slot: the sample's class and direction; no step taken.
             if fr.any():
                 fi = idx[fr]
-                c[fi], d[fi] = pred[fr], d_new[fr]
-                c_all[sid[fi]] = pred[fr]
+                c[sid[fi]], d[fi] = pred[fr], d_new[fr]
                 fresh[fi] = False
             stepped = ~fr
             flipped = stepped & (pred != ca)
@@ -399,7 +397,7 @@ class BoundaryDistance(Feature):
         dist = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
         fi = found.nonzero().squeeze(1)
         if fi.numel():
-            point = self._bisect(model, lo[fi], hi[fi], c_all[fi])
+            point = self._bisect(model, lo[fi], hi[fi], c[fi])
             dist[fi] = (point - x0[fi]).double().flatten(1).norm(dim=1)
         return dist
 
