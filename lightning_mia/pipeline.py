@@ -97,6 +97,7 @@ def audit_arrays(
     correct = np.asarray(correct, dtype=bool)
     labels = np.asarray(labels)
     n = len(is_member)
+    kinds = dict(feature_kinds or {})
     result = AuditResult()
     jobs = []  # (feature, attack tag, attack spec, X, keep, n_dropped), in output order
     for fname, X in features.items():
@@ -109,7 +110,7 @@ def audit_arrays(
         n_dropped = int(n - keep.sum())
         result.dropped[fname] = n_dropped
         if n_dropped:
-            why = ("samples whose boundary walk failed" if (feature_kinds or {}).get(fname) == "boundary_distance"
+            why = ("samples whose boundary walk failed" if kinds.get(fname) == "boundary_distance"
                    else "NaN/inf model outputs?")
             warnings.warn(f"{n_dropped} of {n} audit samples have non-finite {fname!r} values ({why}) and were "
                           "excluded from its attacks", RuntimeWarning, stacklevel=2)
@@ -127,7 +128,7 @@ def audit_arrays(
         fname, _, aspec, X, keep, _ = job
         if mode == "paper":
             name, options = parse_spec(aspec, "attack")
-            preset = preset_for_feature((feature_kinds or {}).get(fname, fname))
+            preset = preset_for_feature(kinds.get(fname, fname))
             return evaluate_paper(X[keep], is_member[keep], correct[keep], labels[keep], preset=preset,
                                   attack=name, attack_options=options or None, seed=protocol.get("seed", 0))
         return evaluate(X[keep], is_member[keep], correct[keep], labels[keep], aspec, **protocol)
