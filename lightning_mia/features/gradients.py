@@ -27,9 +27,9 @@ per-sample gradients come from one batched forward and one backward pass (as in 
 hooks keep each layer's input and output, ``autograd.grad`` of the summed loss gives the output gradients and
 ``dL/dx`` (on CPU, stride-1 convolutions back-propagate with a flipped-kernel forward convolution, 2-4x faster
 than oneDNN's backward there: ``conv_backward.py``), and the per-sample weight gradients follow per layer
-(convolutions: one grouped convolution with a group per sample; BatchNorm: ``sum(g * x_hat)`` and ``sum(g)``; linear: ``g^T a``). Otherwise (other
-parameterised layers, shared layers, or a kept tensor modified in place later in the forward) per-sample
-gradients come from ``torch.func`` (``vmap(grad(functional_call(model, ...)))``) on the model in
+(convolutions: one grouped convolution with a group per sample; BatchNorm: ``sum(g * x_hat)`` and
+``sum(g)``; linear: ``g^T a``). Otherwise (other parameterised layers, shared layers, or a kept tensor
+modified in place later in the forward) per-sample gradients come from ``torch.func`` (``vmap(grad(functional_call(model, ...)))``) on the model in
 eval mode (BatchNorm uses its running statistics, so samples are independent and per-sample gradients are
 exact), in chunks of ``chunk_size`` samples. Each chunk's per-sample gradients are reduced to statistics one
 parameter tensor at a time and freed (small tensors -- biases, BatchNorm vectors -- pooled into one reduction):
