@@ -21,29 +21,28 @@ saturated to exactly one-hot), skew and kurtosis are 0 here so that attack model
 
 How it is computed
 ------------------
-When every trainable parameter belongs to an ``nn.Linear``, an ``nn.Conv2d`` (numeric padding, zero padding
-mode) or an eval-mode BatchNorm with running statistics, each run once per forward (LeNet, ResNet, ...), all
-per-sample gradients come from one batched forward and one backward pass (as in Opacus / BackPACK): forward
-hooks keep each layer's input and output, ``autograd.grad`` of the summed loss gives the output gradients and
-``dL/dx`` (on CPU, stride-1 convolutions back-propagate with a flipped-kernel forward convolution, 2-4x faster
-than oneDNN's backward there: ``conv_backward.py``), and the per-sample weight gradients follow per layer
-(convolutions: one grouped convolution with a group per sample; BatchNorm: ``sum(g * x_hat)`` and
-``sum(g)``; linear: ``g^T a``). Otherwise (other parameterised layers, shared layers, or a kept tensor
-modified in place later in the forward) per-sample gradients come from ``torch.func`` (``vmap(grad(functional_call(model, ...)))``) on the model in
-eval mode (BatchNorm uses its running statistics, so samples are independent and per-sample gradients are
-exact), in chunks of ``chunk_size`` samples. Each chunk's per-sample gradients are reduced to statistics one
-parameter tensor at a time and freed (small tensors -- biases, BatchNorm vectors -- pooled into one reduction):
-each tensor (in cache-sized column blocks) contributes its count, mean,
-central moment sums ``M2, M3, M4``, L1 norm, sum of squares and min / max ``|g|``, and the pieces are merged
-with the pairwise update formulas of Pebay (2008) in float64, which are exact (no raw power sums over mixed
-tensors, so no cancellation). Weights of ``nn.Linear`` layers applied once to a flat input are not
-differentiated at all (``factorize=True``): their per-sample gradient is the outer product ``delta (x) a`` of
-the layer's output gradient (taken through a zero "probe" added to its output) and its input, whose power sums
-factorise, ``sum_ij (delta_i a_j)^k = (sum delta^k)(sum a^k)`` -- the statistics come without forming the
-matrix (on LeNet 97% of the weights). Peak memory is one chunk of the remaining per-sample weight gradients
-(``chunk_size x n_params`` floats, which the default ``chunk_size=None`` keeps within ``memory_budget_mb``)
-plus activations, plus the statistic temporaries of one block. When only ``wrt=["input"]`` is asked for, one
-batched backward pass gives every per-sample input gradient.
+When every trainable parameter belongs to an ``nn.Linear``, an ``nn.Conv2d`` (numeric padding, zero padding mode)
+or an eval-mode BatchNorm with running statistics, each run once per forward (LeNet, ResNet, ...), all per-sample
+gradients come from one batched forward and one backward pass (as in Opacus / BackPACK): forward hooks keep each
+layer's input and output, ``autograd.grad`` of the summed loss gives the output gradients and ``dL/dx`` (on CPU,
+stride-1 convolutions back-propagate with a flipped-kernel forward convolution, 2-4x faster than oneDNN's backward
+there: ``conv_backward.py``), and the per-sample weight gradients follow per layer (convolutions: one grouped
+convolution with a group per sample; BatchNorm: ``sum(g * x_hat)`` and ``sum(g)``; linear: ``g^T a``). Otherwise
+(other parameterised layers, shared layers, or a kept tensor modified in place later in the forward) per-sample
+gradients come from ``torch.func`` (``vmap(grad(functional_call(model, ...)))``) on the model in eval mode
+(BatchNorm uses its running statistics, so samples are independent and per-sample gradients are exact), in chunks
+of ``chunk_size`` samples. Each chunk's per-sample gradients are reduced to statistics one parameter tensor at a
+time and freed (small tensors -- biases, BatchNorm vectors -- pooled into one reduction): each tensor (in
+cache-sized column blocks) contributes its count, mean, central moment sums ``M2, M3, M4``, L1 norm, sum of squares
+and min / max ``|g|``, and the pieces are merged with the pairwise update formulas of Pebay (2008) in float64,
+which are exact (no raw power sums over mixed tensors, so no cancellation). Weights of ``nn.Linear`` layers applied
+once to a flat input are not differentiated at all (``factorize=True``): their per-sample gradient is the outer
+product ``delta (x) a`` of the layer's output gradient (taken through a zero "probe" added to its output) and its
+input, whose power sums factorise, ``sum_ij (delta_i a_j)^k = (sum delta^k)(sum a^k)`` -- the statistics come
+without forming the matrix (on LeNet 97% of the weights). Peak memory is one chunk of the remaining per-sample
+weight gradients (``chunk_size x n_params`` floats, which the default ``chunk_size=None`` keeps within
+``memory_budget_mb``) plus activations, plus the statistic temporaries of one block. When only ``wrt=["input"]`` is
+asked for, one batched backward pass gives every per-sample input gradient.
 
 The model's parameters, their ``requires_grad`` flags and ``.grad`` fields, any optimizer state and every
 module's training flag are left as they were.
