@@ -24,7 +24,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -133,12 +133,9 @@ def binary_metrics(y_true, y_pred) -> Dict[str, float]:
     }
 
 
-def roc_points(y_true, scores):
-    """ROC steps ``(fpr, tpr)`` over every distinct score threshold, starting at (0, 0).
-
-    A sample is predicted member when its score is >= the threshold; tied scores enter together
-    (one step), exactly like ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``.
-    """
+def _scored(y_true, scores) -> Optional[Tuple[np.ndarray, np.ndarray, int, int]]:
+    """``(y, scores, n_members, n_nonmembers)`` as checked arrays, or ``None`` when score metrics are undefined
+    (no members, no non-members, or a NaN score)."""
     y = _as_bool(y_true, "y_true")
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if s.shape != y.shape:
@@ -146,7 +143,20 @@ def roc_points(y_true, scores):
     pos = int(y.sum())
     neg = int(y.size - pos)
     if pos == 0 or neg == 0 or np.isnan(s).any():
+        return None
+    return y, s, pos, neg
+
+
+def roc_points(y_true, scores):
+    """ROC steps ``(fpr, tpr)`` over every distinct score threshold, starting at (0, 0).
+
+    A sample is predicted member when its score is >= the threshold; tied scores enter together
+    (one step), exactly like ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``.
+    """
+    checked = _scored(y_true, scores)
+    if checked is None:
         return np.array([np.nan]), np.array([np.nan])
+    y, s, pos, neg = checked
     order = np.argsort(-s, kind="mergesort")
     s_sorted, y_sorted = s[order], y[order]
     # Last index of every run of tied scores: thresholds are the distinct scores.
@@ -190,14 +200,10 @@ def score_metrics(y_true, scores) -> Dict[str, float]:
     NaN when the slice lacks members or non-members, or when any score is NaN (+-inf are valid,
     orderable scores).
     """
-    y = _as_bool(y_true, "y_true")
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if s.shape != y.shape:
-        raise ValueError(f"y_true and scores have different lengths: {y.shape[0]} vs {s.shape[0]}")
-    pos = int(y.sum())
-    neg = int(y.size - pos)
-    if pos == 0 or neg == 0 or np.isnan(s).any():
+    checked = _scored(y_true, scores)
+    if checked is None:
         return {k: float("nan") for k in SCORE_METRIC_KEYS}
+    y, s, _, _ = checked
     out = {"auc": _auc_mann_whitney(y, s)}
     fpr, tpr = roc_points(y, s)
     for key, alpha in _LOW_FPR.items():
