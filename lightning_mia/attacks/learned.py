@@ -37,6 +37,13 @@ def _check_nonneg(name: str, value: Any) -> float:
     return float(value)
 
 
+def _check_n_jobs(name: str, value: Any) -> int:
+    """sklearn/xgboost's worker count: a positive int or -1 (all cores)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1:
+        raise ValueError(f"{name} must be a positive int or -1, got {value!r}")
+    return value
+
+
 def _check_blas_threads(value: Any) -> Optional[int]:
     if value is None:
         return None
@@ -260,9 +267,7 @@ class _SearchAttack(_ProbaAttack):
         if param_distributions is not None and not isinstance(param_distributions, Mapping):
             raise ValueError(f"param_distributions must be a mapping of option -> list, got {param_distributions!r}")
         self.param_distributions = None if param_distributions is None else dict(param_distributions)
-        if isinstance(search_n_jobs, bool) or not isinstance(search_n_jobs, int) or search_n_jobs == 0 or search_n_jobs < -1:
-            raise ValueError(f"search_n_jobs must be a positive int or -1, got {search_n_jobs!r}")
-        self.search_n_jobs = search_n_jobs
+        self.search_n_jobs = _check_n_jobs("search_n_jobs", search_n_jobs)
         self.best_params_: Optional[Dict[str, Any]] = None
 
     def _fit_model(self, model, X: np.ndarray, y: np.ndarray, sample_weight: Optional[np.ndarray]):
@@ -350,9 +355,7 @@ class RandomForestAttack(_SearchAttack):
             raise ValueError(f"max_features must be 'sqrt', 'log2', None, an int or a float, got {max_features!r}")
         self.max_features = max_features
         self.class_weight = check_choice("class_weight", class_weight, (None, "balanced", "balanced_subsample"))
-        if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
-            raise ValueError(f"n_jobs must be a positive int or -1, got {n_jobs!r}")
-        self.n_jobs = n_jobs
+        self.n_jobs = _check_n_jobs("n_jobs", n_jobs)
 
     def _make_model(self):
         from sklearn.ensemble import RandomForestClassifier
@@ -419,9 +422,7 @@ class XGBoostAttack(_SearchAttack):
             raise ValueError("subsample and colsample_bytree must be in (0, 1]")
         self.min_child_weight = _check_nonneg("min_child_weight", min_child_weight)
         self.scale_pos_weight = _check_positive("scale_pos_weight", scale_pos_weight)
-        if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
-            raise ValueError(f"n_jobs must be a positive int or -1, got {n_jobs!r}")
-        self.n_jobs = n_jobs
+        self.n_jobs = _check_n_jobs("n_jobs", n_jobs)
 
     def _make_model(self):
         from xgboost import XGBClassifier
