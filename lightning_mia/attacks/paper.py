@@ -46,7 +46,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from lightning_mia.attacks.base import as_2d, build_attack, check_choice, check_int
-from lightning_mia.attacks.protocol import BASELINE_KEYS, ProtocolResult, _bool_array
+from lightning_mia.attacks.protocol import (
+    BASELINE_KEYS,
+    ProtocolResult,
+    _bool_array,
+    combine_slice_scores,
+    nanmean_keys,
+)
 from lightning_mia.metrics import METRIC_KEYS, attack_metrics, mean_std, naive_baseline, zeror_baseline
 
 __all__ = [
@@ -299,18 +305,9 @@ def evaluate_paper(
             row["n_eval_nonmembers"] = float(np.sum([r["n_eval_nonmembers"] for r in recs])) if recs else 0.0
             row["n_unscored"] = 0.0
             row.update(mean_std(recs, METRIC_KEYS))
-            for k in [p + b for p in ("naive_", "zeror_") for b in BASELINE_KEYS]:
-                vals = np.array([r[k] for r in recs], dtype=np.float64)
-                row[k] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+            row.update(nanmean_keys(recs, [p + b for p in ("naive_", "zeror_") for b in BASELINE_KEYS]))
         rows.append(row)
 
-    if "all" in slices:
-        scores, pred = slice_scores["all"], slice_pred["all"]
-    else:
-        scores, pred = np.full(n, np.nan), np.full(n, np.nan)
-        for s in slices:
-            fill = ~np.isnan(slice_scores[s])
-            scores[fill] = slice_scores[s][fill]
-            pred[fill] = slice_pred[s][fill]
+    scores, pred = combine_slice_scores(slices, slice_scores, slice_pred, n)
     return ProtocolResult(rows=rows, scores=scores, fold=fold, pred=pred, slice_scores=slice_scores,
                           slice_pred=slice_pred, seconds=time.perf_counter() - t0)

@@ -394,24 +394,37 @@ def evaluate(
             ratio_keys = [ratio_key(p, r) for r in ratios for p in RATIO_METRICS]
             row.update(mean_std(recs, list(METRIC_KEYS) + ratio_keys))
             base_keys = [p + k for p in ("naive_", "zeror_") for k in BASELINE_KEYS]
-            base_keys += [ratio_key("zeror_precision", r) for r in ratios]
-            for k in base_keys:
-                vals = np.array([r[k] for r in recs], dtype=np.float64)
-                row[k] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+            row.update(nanmean_keys(recs, base_keys + [ratio_key("zeror_precision", r) for r in ratios]))
         rows.append(row)
 
-    if "all" in slices:
-        scores, pred = slice_scores["all"], slice_pred["all"]
-    else:
-        scores, pred = np.full(n, np.nan), np.full(n, np.nan)
-        for s in slices:
-            fill = np.isnan(scores) & ~np.isnan(slice_scores[s])
-            scores[fill] = slice_scores[s][fill]
-            pred[fill] = slice_pred[s][fill]
+    scores, pred = combine_slice_scores(slices, slice_scores, slice_pred, n)
     return ProtocolResult(
         rows=rows, scores=scores, fold=fold, pred=pred,
         slice_scores=slice_scores, slice_pred=slice_pred, seconds=time.perf_counter() - t0,
     )
+
+
+def nanmean_keys(recs: Sequence[Mapping[str, float]], keys: Sequence[str]) -> Dict[str, float]:
+    """Mean of each key over the repeats, ignoring NaN (NaN when no repeat has a finite value)."""
+    out = {}
+    for k in keys:
+        vals = np.array([r[k] for r in recs], dtype=np.float64)
+        out[k] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+    return out
+
+
+def combine_slice_scores(slices: Sequence[str], slice_scores: Mapping[str, np.ndarray],
+                         slice_pred: Mapping[str, np.ndarray], n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """One score and prediction per sample: the ``all`` slice's model when evaluated, else each sample's own
+    slice's model (the slices are then disjoint)."""
+    if "all" in slices:
+        return slice_scores["all"], slice_pred["all"]
+    scores, pred = np.full(n, np.nan), np.full(n, np.nan)
+    for s in slices:
+        fill = np.isnan(scores) & ~np.isnan(slice_scores[s])
+        scores[fill] = slice_scores[s][fill]
+        pred[fill] = slice_pred[s][fill]
+    return scores, pred
 
 
 def _fit_and_score(
