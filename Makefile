@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch is pinned: here it is the local CPU wheel; an unpinned torch pulls a multi-GB CUDA build (DESIGN.md §5).
+# torch is pinned: here it is the local CPU wheel; an unpinned torch pulls a multi-GB CUDA build (docs/design.md §5).
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 

@@ -2,7 +2,9 @@
 
 The same CLI is installed as ``lightning-mia``; see ``python train.py fit --help`` for every option.
 """
-from lightning_mia.cli import main
+import sys
+
+from lightning_mia.commands import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -153,15 +153,16 @@ def main() -> None:
 
 
 def time_epoch_fit(n: int, n_jobs: int) -> float:
-    """Wall time of one monitor audit's attack work (``pipeline.audit_arrays``) for all attacks."""
-    from lightning_mia.pipeline import audit_arrays
+    """Wall time of one monitor audit's attack work (``auditor.audit_arrays``) for all attacks."""
+    from lightning_mia.auditor import audit_arrays
+    from lightning_mia.protocols import StandardProtocol
 
     X, member, correct = _pool(n, 10)
     labels = np.random.default_rng(1).integers(0, 10, n)
     feats = {"confidence": X, "loss": X[:, :1]}
     specs = ["threshold", "logistic_regression", "mlp", "random_forest", "xgboost"]
     t0 = time.perf_counter()
-    audit_arrays(feats, member, correct, labels, specs, {"repeats": 1}, n_jobs=n_jobs)
+    audit_arrays(feats, member, correct, labels, specs, StandardProtocol(repeats=1), n_jobs=n_jobs)
     return time.perf_counter() - t0
 
 

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lightning_mia.callbacks import MembershipInferenceMonitor  # noqa: E402
 from lightning_mia.data import MNISTDataModule, SyntheticDataModule  # noqa: E402
 from lightning_mia.module import ImageClassifier  # noqa: E402
+from lightning_mia.protocols import StandardProtocol
 
 
 class EpochTimer(pl.Callback):
@@ -59,7 +60,7 @@ def run(epochs: int, quick: bool, monitor: bool):
     if monitor:
         pool = 2000 if quick else 10000
         callbacks.append(mon := MembershipInferenceMonitor(features=["confidence"], attacks=["logistic_regression"],
-                                                    n_members=pool * 5 // 6, n_nonmembers=pool // 6, repeats=1,
+                                                    n_members=pool * 5 // 6, n_nonmembers=pool // 6, protocol=StandardProtocol(repeats=1),
                                                     verbose=False, report_at_end=False, log_histograms=False))
     callbacks.append(timer)
     with tempfile.TemporaryDirectory() as d:

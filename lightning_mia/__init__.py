@@ -15,7 +15,13 @@ _EXPORTS = {
     "EarlyStoppingComparison": "lightning_mia.callbacks.early_stopping",
     "ImageClassifier": "lightning_mia.module",
     "AuditPool": "lightning_mia.audit",
-    "audit_arrays": "lightning_mia.pipeline",
+    "audit_arrays": "lightning_mia.auditor",
+    "Auditor": "lightning_mia.auditor",
+    "AuditResult": "lightning_mia.auditor",
+    "MembershipData": "lightning_mia.membership",
+    "StandardProtocol": "lightning_mia.protocols",
+    "PaperProtocol": "lightning_mia.protocols",
+    "RunWriter": "lightning_mia.run_writer",
     "write_report": "lightning_mia.report",
 }
 

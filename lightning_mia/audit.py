@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from lightning_mia.report.history import atomic_write_text
+from lightning_mia.io import atomic_write_text
 
 # The paper keeps the member:non-member ratio of CIFAR's train:test split, 5:1 (Rezaei & Liu 2021, §3).
 DEFAULT_RATIO = 5.0
@@ -134,10 +134,6 @@ def validate_audit_pool(pool: AuditPool, n_train: int, n_heldout: int) -> None:
                              f"(e.g. {bad[:5].tolist()})")
         if len(np.unique(pos)) != len(pos):
             raise ValueError(f"The {name} audit indices contain duplicates")
-
-
-def audit_json_path(mia_dir: str) -> str:
-    return os.path.join(mia_dir, "audit.json")
 
 
 def _item_bytes(dataset: Any, positions: np.ndarray) -> List[bytes]:

@@ -1,6 +1,6 @@
 """Membership-inference metrics: pure functions on numpy arrays.
 
-Conventions (DESIGN.md §3): **member = positive class (1)**, higher attack score = more likely member.
+Conventions (docs/design.md §3): **member = positive class (1)**, higher attack score = more likely member.
 
 Every metric is a ratio of confusion counts and is NaN -- never an exception and never a silent 0 --
 when its ratio is 0/0.  Metrics that compare the two classes (balanced accuracy, advantage, AUC, TPR at

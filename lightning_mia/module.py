@@ -1,7 +1,7 @@
 """``ImageClassifier``: the target model as a LightningModule (model by name, optimizer and LR schedule from config)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -15,8 +15,9 @@ class ImageClassifier(pl.LightningModule):
     """A classifier whose network comes from the model registry.
 
     Logs per epoch ``train_loss``, ``train_acc`` (running, training mode) and ``val_loss``, ``val_acc`` (held-out
-    split). ``num_classes`` and ``input_shape`` may be left ``None``: they are then read from the datamodule at
-    ``setup`` (and stored in the hyper-parameters so checkpoints reload without a datamodule).
+    split); the accuracies are ``torchmetrics`` metrics, exact over the epoch and synchronised under DDP.
+    ``num_classes`` and ``input_shape`` may be left ``None``: they are then read from the datamodule at ``setup``
+    (and stored in the hyper-parameters so checkpoints reload without a datamodule).
 
     Args:
         model: registered model name (``lenet``, ``alexnet``, ``resnet``, ``densenet``, ...).
@@ -40,13 +41,13 @@ class ImageClassifier(pl.LightningModule):
         model_kwargs: Optional[Dict[str, Any]] = None,
         num_classes: Optional[int] = None,
         input_shape: Optional[Tuple[int, int, int]] = None,
-        optimizer: str = "sgd",
+        optimizer: Literal["sgd", "adam"] = "sgd",
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         betas: Tuple[float, float] = (0.9, 0.999),
         nesterov: bool = False,
-        scheduler: str = "none",
+        scheduler: Literal["none", "step", "multistep", "cosine"] = "none",
         step_size: int = 30,
         milestones: Sequence[int] = (),
         gamma: float = 0.1,
@@ -71,15 +72,22 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.net: Optional[torch.nn.Module] = None
         if num_classes is not None and input_shape is not None:
-            self._build(num_classes, tuple(input_shape))
+            self.build_network(num_classes, tuple(input_shape))
 
-    def _build(self, num_classes: int, input_shape: Tuple[int, int, int]) -> None:
+    def build_network(self, num_classes: int, input_shape: Tuple[int, int, int]) -> None:
+        """Build the network for ``num_classes`` and ``input_shape`` (``setup`` does it from the datamodule)."""
         from lightning_mia.models import build_model
 
         self.net = build_model(self.hparams.model, num_classes=num_classes, input_shape=tuple(input_shape),
                                **(self.hparams.model_kwargs or {}))
         self.hparams.num_classes = int(num_classes)
         self.hparams.input_shape = tuple(int(s) for s in input_shape)
+        from torchmetrics.classification import MulticlassAccuracy
+
+        # torchmetrics: the exact accuracy over the epoch, synchronised across DDP ranks by Lightning (a mean of
+        # per-batch accuracies would weigh a short last batch like a full one)
+        self.accuracy = torch.nn.ModuleDict({f"{stage}_acc": MulticlassAccuracy(int(num_classes), average="micro")
+                                             for stage in ("train", "val", "test")})
 
     def setup(self, stage: str) -> None:
         if self.net is not None:
@@ -90,7 +98,7 @@ class ImageClassifier(pl.LightningModule):
         if num_classes is None or input_shape is None:
             raise ValueError("ImageClassifier needs num_classes and input_shape: pass them, or use a datamodule "
                              "that exposes `num_classes` and `input_shape` (all lightning_mia datamodules do)")
-        self._build(int(num_classes), tuple(input_shape))
+        self.build_network(int(num_classes), tuple(input_shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.net is None:
@@ -101,10 +109,11 @@ class ImageClassifier(pl.LightningModule):
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(dim=1) == y).float().mean()
+        acc = self.accuracy[f"{stage}_acc"]
+        acc(logits.detach(), y)
         on_step = stage == "train"
         self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

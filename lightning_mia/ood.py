@@ -132,7 +132,7 @@ def ood_far(X_pool: np.ndarray, is_member: np.ndarray, X_ood: np.ndarray, attack
     """
     from lightning_mia.attacks import build_attack
     from lightning_mia.attacks.protocol import balance_training_set
-    from lightning_mia.pipeline import finite_rows
+    from lightning_mia.membership import finite_rows
 
     X_pool, X_ood = np.asarray(X_pool, np.float64), np.asarray(X_ood, np.float64)
     X_pool = X_pool.reshape(len(X_pool), -1)

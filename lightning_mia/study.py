@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from lightning_mia.validation import as_float as _f
+
 #: Signals of the paper (§4): confidence vector, FC layers before the softmax, boundary distance, gradient norms.
 STUDY_FEATURES: List[Any] = [
     "confidence",
@@ -44,13 +46,6 @@ PAPER_MNIST = {
 PAPER_MNIST_TARGET = {"train_acc": 99.74, "test_acc": 99.05, "attack": 50.04, "naive": 50.07}  # Table 3
 
 
-def _f(x: Any) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
 def _pct(x: Any) -> str:
     v = _f(x)
     return "–" if math.isnan(v) else f"{100 * v:.1f}"
@@ -68,10 +63,11 @@ def run_config(config: str, out_dir: str, fast: bool, max_epochs: Optional[int],
             "--trainer.logger.save_dir", out_dir, "--trainer.logger.name", name,
             "--trainer.enable_progress_bar", "false",
             "--mia.features", json.dumps(list(features)), "--mia.attacks", json.dumps(list(attacks)),
-            "--mia.eval_ratios", "[5, 1, 0.2]", "--mia.save_predictions", "false",
+            "--mia.save_predictions", "false",
             # one attack per slice, as the authors' code fits them (attacks/paper.py); a model fitted on all
             # samples can score the small misclassified slice upside down
-            "--mia.fit_per_slice", "true",
+            "--mia.protocol", json.dumps({"class_path": "lightning_mia.protocols.StandardProtocol", "init_args": {
+                "eval_ratios": [5, 1, 0.2], "fit_per_slice": True, "repeats": 2 if fast else 3}}),
             "--mia.calibrate", '["logit_scaled_confidence"]', "--mia.ood_sources", json.dumps(list(ood)),
             "--mia.ood_samples", "300"]
     if max_epochs is not None:
@@ -80,8 +76,6 @@ def run_config(config: str, out_dir: str, fast: bool, max_epochs: Optional[int],
         args += ["--mia.every_n_epochs", str(every)]
     if pool is not None:
         args += ["--mia.n_members", str(pool), "--mia.n_nonmembers", str(pool)]
-    if fast:
-        args += ["--mia.repeats", "2"]
     cli = build_cli(args)
     return cli.trainer.logger.log_dir
 
@@ -99,7 +93,7 @@ def fc_layers(config: str) -> int:
         dm = cli.datamodule
         dm.prepare_data()
         dm.setup("fit")
-        model._build(dm.num_classes, tuple(dm.input_shape))
+        model.build_network(dm.num_classes, tuple(dm.input_shape))
     return sum(isinstance(m, nn.Linear) for m in model.modules())
 
 
@@ -272,7 +266,7 @@ def main_study(argv: Optional[Sequence[str]] = None) -> int:
                              args.pool, STUDY_OOD + [json.loads(o) if o.startswith("{") else o for o in args.ood])
         command = "lightning-mia study " + shlex.join(argv if argv is not None else sys.argv[2:])  # copy-pastable
         parts.append(section(config, run_dir, command, time.time() - t0, notes))
-    from lightning_mia.report.history import atomic_write_text
+    from lightning_mia.io import atomic_write_text
 
     # Decided at write time: another study may have created the page while this one trained.
     old = open(args.out).read().rstrip("\n") + "\n\n" if args.append and os.path.isfile(args.out) else ""

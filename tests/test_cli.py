@@ -16,8 +16,24 @@ def _run(args, cwd, timeout=300):
 def test_help_shows_monitor_options(tmp_path):
     out = _run(["fit", "--help"], tmp_path)
     assert out.returncode == 0, out.stderr
-    for opt in ("--mia.every_n_epochs", "--mia.features", "--mia.attacks", "--mia.eval_fraction", "--mia.repeats"):
+    for opt in ("--mia.every_n_epochs", "--mia.features", "--mia.attacks", "--mia.protocol"):
         assert opt in out.stdout
+    assert "StandardProtocol" in out.stdout and "PaperProtocol" in out.stdout
+
+
+def test_protocol_help_lists_fields_and_choices(tmp_path):
+    out = _run(["fit", "--mia.protocol.help", "StandardProtocol"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    for opt in ("--mia.protocol.repeats", "--mia.protocol.eval_fraction", "--mia.protocol.fit_per_slice"):
+        assert opt in out.stdout
+    assert "undersample" in out.stdout and "class_weight" in out.stdout  # the Literal choices of balance
+
+
+def test_bad_protocol_choice_is_rejected_at_parse_time(tmp_path):
+    out = _run(["fit", "--mia.protocol", "StandardProtocol", "--mia.protocol.balance", "smote",
+                "--trainer.max_epochs", "1"], tmp_path)
+    assert out.returncode != 0
+    assert "smote" in out.stderr and "undersample" in out.stderr
 
 
 def test_unknown_yaml_option_is_rejected(tmp_path):
@@ -57,8 +73,7 @@ data: {class_path: lightning_mia.data.DigitsDataModule, init_args: {train_subset
 mia:
   n_members: 40
   n_nonmembers: 40
-  repeats: 1
-  eval_ratios: [5, 1, 0.2]
+  protocol: {class_path: StandardProtocol, init_args: {repeats: 1, eval_ratios: [5, 1, 0.2]}}
   attacks: [threshold, logistic_regression]
   features:
     - confidence

@@ -34,7 +34,7 @@ BEARPAW = {
 }
 # The recipe a CPU variant scales down: its model -> the bearpaw recipe it follows.
 CPU_RECIPE = {"resnet20": "resnet164", "densenet_bc_40": "densenet_bc_100", "alexnet": "alexnet"}
-# Throughputs on the 2-core CPU (DESIGN.md section 5, img/s while training); inference counted at twice that.
+# Throughputs on the 2-core CPU (docs/design.md §5, img/s while training); inference counted at twice that.
 TRAIN_RATE = {"lenet": 12000, "alexnet": 1900, "resnet20": 450, "densenet_bc_40": 70}
 
 
@@ -86,10 +86,10 @@ def test_logger_names_are_distinct():
 def test_monitor_and_early_stopping_settings(path):
     cli = _cli(str(path))
     mon, es = _monitor(cli), _es(cli)
-    assert [tag for tag, _, _ in mon.features] == ["confidence", "loss"]
-    assert [tag for tag, _, _ in mon.attacks] == ["threshold", "logistic_regression"]
+    assert [s.tag for s in mon.features] == ["confidence", "loss"]
+    assert [s.tag for s in mon.attacks] == ["threshold", "logistic_regression"]
     assert mon.save_predictions is True
-    assert mon.protocol["eval_ratios"] == [5.0, 1.0, 0.2]
+    assert mon.protocol.eval_ratios == [5.0, 1.0, 0.2]
     # Audits spread over the whole run, enough of them for a curve (the last epoch is always audited).
     assert mon.every_n_epochs <= 10 and -(-cli.trainer.max_epochs // mon.every_n_epochs) >= 5
     assert es.monitor == "val_loss" and es.mode == "min" and es.patience == [3, 5, 10]

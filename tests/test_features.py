@@ -246,12 +246,12 @@ def test_intermediate_pca_cap_keeps_the_top_principal_variances():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(60, 12)) @ rng.normal(size=(12, 12))
     feat = Intermediate(max_dims=4, seed=3)
-    Z = feat.fit_postprocess(X)
+    Z = feat.fit_postprocess(X)(X)
     assert Z.shape == (60, 4) and Z.dtype == np.float32
     eig = np.sort(np.linalg.eigvalsh(np.cov(X.T)))[::-1][:4]
     np.testing.assert_allclose(np.var(Z, axis=0, ddof=1), eig, rtol=1e-4)
     assert feat.dim_names(4) == ["pc_0", "pc_1", "pc_2", "pc_3"]
-    np.testing.assert_array_equal(Intermediate(max_dims=20).fit_postprocess(X), X.astype(np.float32))
+    np.testing.assert_array_equal(Intermediate(max_dims=20).fit_postprocess(X)(X), X.astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------- gradient norms

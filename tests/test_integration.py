@@ -6,6 +6,7 @@ from torch.utils.data import Subset
 from lightning_mia.callbacks import MembershipInferenceMonitor
 from lightning_mia.data import DigitsDataModule
 from lightning_mia.module import ImageClassifier
+from lightning_mia.protocols import StandardProtocol
 from tests.helpers import tiny_trainer
 
 
@@ -17,12 +18,12 @@ def test_overfitting_lenet_leaks_and_control_does_not(tmp_path):
     half = len(heldout) // 2
     # control: "members" drawn from held-out data the model never trains on, non-members from the other half
     control = MembershipInferenceMonitor(features=["loss"], attacks=["threshold", "logistic_regression"],
-                                         repeats=5, ratio=1.0, seed=1, every_n_epochs=80, verbose=False,
+                                         protocol=StandardProtocol(repeats=5), ratio=1.0, seed=1, every_n_epochs=80, verbose=False,
                                          report_at_end=False, dirpath=str(tmp_path / "control"),
                                          member_dataset=Subset(heldout, range(half)),
                                          nonmember_dataset=Subset(heldout, range(half, len(heldout))))
     monitor = MembershipInferenceMonitor(features=["loss", "confidence"], attacks=["threshold", "logistic_regression"],
-                                         repeats=5, ratio=1.0, every_n_epochs=5, verbose=False, report_at_end=False)
+                                         protocol=StandardProtocol(repeats=5), ratio=1.0, every_n_epochs=5, verbose=False, report_at_end=False)
     model = ImageClassifier("lenet", optimizer="adam", lr=5e-3, betas=(0.5, 0.99))
     tiny_trainer(tmp_path, [monitor, control], max_epochs=80).fit(model, datamodule=dm)
 

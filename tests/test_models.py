@@ -272,15 +272,19 @@ def _params_and_buffers(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict
     return params, buffers
 
 
+def _warm_eval_model(key: str, shape):
+    """The model in eval mode with non-trivial BatchNorm running statistics (so eval differs from batch stats)."""
+    model = make(key, 10, shape)
+    with torch.no_grad():
+        model(torch.randn(4, *shape))
+    model.eval()
+    return (model, *_params_and_buffers(model))
+
+
 @pytest.mark.parametrize("key", list(SMALL))
 def test_functional_call_matches_module(key: str) -> None:
     torch.manual_seed(0)
-    model = make(key, 10, (3, 32, 32))
-    # Put non-trivial running statistics into BatchNorm so eval mode differs from batch statistics.
-    with torch.no_grad():
-        model(torch.randn(4, 3, 32, 32))
-    model.eval()
-    params, buffers = _params_and_buffers(model)
+    model, params, buffers = _warm_eval_model(key, (3, 32, 32))
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.func.functional_call(model, (params, buffers), (x,)), model(x))
@@ -289,11 +293,7 @@ def test_functional_call_matches_module(key: str) -> None:
 @pytest.mark.parametrize("key", list(SMALL))
 def test_per_sample_gradients_with_vmap_match_loop(key: str) -> None:
     torch.manual_seed(0)
-    model = make(key, 10, (1, 8, 8))
-    with torch.no_grad():
-        model(torch.randn(4, 1, 8, 8))
-    model.eval()
-    params, buffers = _params_and_buffers(model)
+    model, params, buffers = _warm_eval_model(key, (1, 8, 8))
     x = torch.randn(3, 1, 8, 8)
     y = torch.tensor([0, 3, 9])
 

@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import TensorDataset
@@ -11,6 +12,7 @@ from lightning_mia.callbacks import MembershipInferenceMonitor
 from lightning_mia.data import SyntheticDataModule
 from lightning_mia.module import ImageClassifier
 from lightning_mia.report.history import HISTORY_COLUMNS, read_history
+from lightning_mia.protocols import StandardProtocol
 from tests.helpers import scalars, tiny_trainer
 
 
@@ -26,7 +28,7 @@ def _model():
 
 def test_tiny_run_writes_contracted_files_and_tags(tmp_path):
     monitor = MembershipInferenceMonitor(features=["confidence", "loss"], attacks=["threshold", "logistic_regression"],
-                                         repeats=1, ratio=1.0, save_predictions=True, verbose=False,
+                                         protocol=StandardProtocol(repeats=1), ratio=1.0, save_predictions=True, verbose=False,
                                          report_at_end=False)
     trainer = tiny_trainer(tmp_path, [monitor], max_epochs=2)
     trainer.fit(_model(), datamodule=_dm())
@@ -52,7 +54,7 @@ def test_tiny_run_writes_contracted_files_and_tags(tmp_path):
     assert [step for step, _ in tags["target/train_acc"]] == [0, 1]
     assert [step for step, _ in tags["mia/loss/threshold/all/balanced_accuracy"]] == [0, 1]
 
-    # predictions recompute the history with scikit-learn (repeats=1: the saved split is the only one)
+    # predictions recompute the history with scikit-learn (protocol=StandardProtocol(repeats=1): the saved split is the only one)
     pred = np.load(mia / "predictions" / "epoch_0001.npz")
     for key in ("index", "is_member", "correct", "fold", "score__loss__threshold"):
         assert key in pred.files
@@ -75,7 +77,7 @@ def test_tiny_run_writes_contracted_files_and_tags(tmp_path):
 
 
 def test_every_n_epochs_and_last_epoch(tmp_path):
-    monitor = MembershipInferenceMonitor(every_n_epochs=2, features=["loss"], attacks=["threshold"], repeats=1,
+    monitor = MembershipInferenceMonitor(every_n_epochs=2, features=["loss"], attacks=["threshold"], protocol=StandardProtocol(repeats=1),
                                          verbose=False, report_at_end=False)
     tiny_trainer(tmp_path, [monitor], max_epochs=5).fit(_model(), datamodule=_dm())
     rows = read_history(str(tmp_path / "run" / "version_0" / "mia" / "history.csv"))
@@ -91,18 +93,46 @@ def test_fast_dev_run_is_skipped(tmp_path):
 
 @pytest.mark.parametrize("kwargs, err, msg", [
     (dict(every_n_epochs=0), ValueError, "every_n_epochs must be an integer >= 1"),
-    (dict(eval_fraction=1.0), ValueError, r"eval_fraction must be in \(0, 1\)"),
-    (dict(eval_fraction=0), ValueError, r"eval_fraction must be in \(0, 1\)"),
     (dict(features=["confidence", "nope"]), KeyError, "Unknown feature 'nope'. Known features: .*confidence"),
     (dict(attacks=["svm"]), KeyError, "Unknown attack 'svm'. Known attacks: .*logistic_regression"),
-    (dict(slices=["all", "wrong"]), ValueError, "slices must be a non-empty subset"),
-    (dict(balance="smote"), ValueError, "balance must be one of"),
-    (dict(repeats=0), ValueError, "repeats must be"),
     (dict(features=["loss", {"name": "loss"}]), ValueError, "share the tag 'loss'"),
+    (dict(features=[{"name": "loss", "tag": "../x"}]), ValueError, "tag '../x' is not allowed"),
+    (dict(protocol="shokri"), ValueError, "protocol must be one of .*paper.*standard"),
 ])
 def test_bad_options_are_clear_errors(kwargs, err, msg):
     with pytest.raises(err, match=msg):
         MembershipInferenceMonitor(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(eval_fraction=1.0), r"eval_fraction must be a number in \(0, 1\)"),
+    (dict(eval_fraction=0), r"eval_fraction must be a number in \(0, 1\)"),
+    (dict(slices=["all", "wrong"]), "slices must be a non-empty list of distinct names from"),
+    (dict(slices=[]), "slices must be a non-empty list"),
+    (dict(balance="smote"), r"balance must be one of \['undersample', 'oversample', 'class_weight', 'none'\]"),
+    (dict(repeats=0), "repeats must be an integer >= 1"),
+    (dict(repeats=2.5), "repeats must be an integer >= 1"),
+    (dict(fit_per_slice="yes"), "fit_per_slice must be True or False"),
+    (dict(eval_ratios=[0.0]), "eval_ratios must be positive finite"),
+    (dict(seed=-1), "seed must be an integer >= 0"),
+])
+def test_bad_protocol_options_fail_at_construction(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        StandardProtocol(**kwargs)
+
+
+def test_protocols_are_frozen_and_named():
+    from lightning_mia.protocols import PaperProtocol, build_protocol
+
+    proto = StandardProtocol(repeats=2)
+    with pytest.raises(AttributeError, match="frozen"):
+        proto.repeats = 5
+    assert build_protocol("paper") == PaperProtocol() and build_protocol("standard") == StandardProtocol()
+    assert StandardProtocol(seed=None).with_seed(7).seed == 7 and StandardProtocol(seed=3).with_seed(7).seed == 3
+    with pytest.raises(ValueError, match=r"attacker_knowledge must be in \[0.1, 0.9\]"):
+        PaperProtocol(attacker_knowledge=0.95)
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        PaperProtocol(sampling="smote")
 
 
 def test_audit_larger_than_data_is_a_clear_error(tmp_path):
@@ -125,7 +155,7 @@ def test_user_datasets_and_empty_misclassified_slice(tmp_path):
     torch.manual_seed(0)
     dm = _dm(signal=4.0)  # easy task: 100% train accuracy quickly
     dm.setup("fit")
-    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], repeats=1, ratio=1.0,
+    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], protocol=StandardProtocol(repeats=1), ratio=1.0,
                                          member_dataset=dm.member_dataset(), nonmember_dataset=dm.nonmember_dataset(),
                                          verbose=False, report_at_end=False)
     tiny_trainer(tmp_path, [monitor], max_epochs=8).fit(_model(), datamodule=dm)
@@ -148,7 +178,7 @@ class _NaNForSome(ImageClassifier):
 def test_nan_outputs_are_counted_excluded_and_warned(tmp_path):
     dm = _dm()
     dm.setup("fit")
-    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], repeats=1, ratio=1.0,
+    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], protocol=StandardProtocol(repeats=1), ratio=1.0,
                                          verbose=False, report_at_end=False)
     with pytest.warns(RuntimeWarning, match=r"(\d+) of 128 audit samples have non-finite 'loss' values") as rec:
         tiny_trainer(tmp_path, [monitor], max_epochs=1).fit(_NaNForSome("lenet", optimizer="sgd", lr=1e-12),
@@ -176,11 +206,11 @@ def test_overlapping_nonmembers_are_refused(tmp_path):
 def test_audit_file_reuses_pool_and_bad_files_are_refused(tmp_path):
     from lightning_mia.audit import AuditPool
 
-    first = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], repeats=1, seed=5, verbose=False,
+    first = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], protocol=StandardProtocol(repeats=1), seed=5, verbose=False,
                                        report_at_end=False)
     tiny_trainer(tmp_path / "a", [first], max_epochs=1).fit(_model(), datamodule=_dm())
     saved = tmp_path / "a" / "run" / "version_0" / "mia" / "audit.json"
-    again = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], repeats=1, seed=0,
+    again = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], protocol=StandardProtocol(repeats=1), seed=0,
                                        audit_file=str(saved), verbose=False, report_at_end=False)
     tiny_trainer(tmp_path / "b", [again], max_epochs=1).fit(_model(), datamodule=_dm())
     assert np.array_equal(again.pool.member_positions, first.pool.member_positions)
@@ -196,7 +226,7 @@ def test_audit_file_reuses_pool_and_bad_files_are_refused(tmp_path):
 
 def test_same_seed_same_numbers(tmp_path):
     def run(sub):
-        mon = MembershipInferenceMonitor(features=["confidence", "loss"], attacks=["logistic_regression"], repeats=2,
+        mon = MembershipInferenceMonitor(features=["confidence", "loss"], attacks=["logistic_regression"], protocol=StandardProtocol(repeats=2),
                                          verbose=False, report_at_end=False)
         torch.manual_seed(0)
         tiny_trainer(tmp_path / sub, [mon], max_epochs=2).fit(_model(), datamodule=_dm())
@@ -210,7 +240,8 @@ def test_same_seed_same_numbers(tmp_path):
 
 
 def test_parallel_attack_fitting_gives_the_same_numbers():
-    from lightning_mia.pipeline import audit_arrays
+    from lightning_mia.auditor import audit_arrays
+    from lightning_mia.protocols import StandardProtocol
 
     rng = np.random.default_rng(0)
     member = np.r_[np.ones(150, bool), np.zeros(150, bool)]
@@ -218,8 +249,8 @@ def test_parallel_attack_fitting_gives_the_same_numbers():
     correct, labels = rng.random(300) < 0.8, rng.integers(0, 3, 300)
     args = (feats, member, correct, labels, ["threshold", "logistic_regression", {"name": "random_forest",
                                                                                "n_estimators": 20}])
-    one = audit_arrays(*args, {"repeats": 2}, n_jobs=1)
-    two = audit_arrays(*args, {"repeats": 2}, n_jobs=2)
+    one = audit_arrays(*args, StandardProtocol(repeats=2), n_jobs=1)
+    two = audit_arrays(*args, StandardProtocol(repeats=2), n_jobs=2)
     assert [(r["feature"], r["attack"], r["slice"]) for r in one.rows] == [
         (r["feature"], r["attack"], r["slice"]) for r in two.rows]
     for ra, rb in zip(one.rows, two.rows):
@@ -231,15 +262,16 @@ def test_parallel_attack_fitting_gives_the_same_numbers():
 def test_paper_protocol_matches_evaluate_paper(tmp_path):
     """protocol: paper runs the authors' per-class protocol (reference: evaluate_paper on the same arrays)."""
     from lightning_mia.attacks.paper import evaluate_paper
-    from lightning_mia.pipeline import audit_arrays
+    from lightning_mia.auditor import audit_arrays
+    from lightning_mia.protocols import PaperProtocol
 
     rng = np.random.default_rng(0)
     member = np.r_[np.ones(120, bool), np.zeros(120, bool)]
     labels = np.tile(np.arange(3), 80)
     X = rng.normal(size=(240, 3)) + 0.7 * member[:, None]
     correct = rng.random(240) < 0.8
-    res = audit_arrays({"c": X}, member, correct, labels, ["threshold", "logistic_regression"], {"seed": 3},
-                       mode="paper", feature_kinds={"c": "gradient_norms"})
+    res = audit_arrays({"c": X}, member, correct, labels, ["threshold", "logistic_regression"],
+                       PaperProtocol(seed=3), feature_kinds={"c": "gradient_norms"})
     ref = evaluate_paper(X, member, correct, labels, preset="gradient", attack="logistic_regression", seed=3)
     assert [r["slice"] for r in res.rows] == [r["slice"] for r in ref.rows]
     for got, want in zip(res.rows, ref.rows):
@@ -263,7 +295,7 @@ def test_checkpoint_without_monitor_resumes_with_monitor(tmp_path):
 
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     tiny_trainer(tmp_path / "a", [ckpt], max_epochs=1, enable_checkpointing=True).fit(_model(), datamodule=_dm())
-    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], repeats=1, verbose=False,
+    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], protocol=StandardProtocol(repeats=1), verbose=False,
                                          report_at_end=False)
     tiny_trainer(tmp_path / "b", [monitor], max_epochs=3).fit(_model(), datamodule=_dm(),
                                                             ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
@@ -276,7 +308,7 @@ def test_fit_end_writes_report_and_tensorboard_extras(tmp_path):
 
     from lightning_mia.callbacks import EarlyStoppingComparison
 
-    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], repeats=1, ratio=1.0,
+    monitor = MembershipInferenceMonitor(features=["loss"], attacks=["threshold"], protocol=StandardProtocol(repeats=1), ratio=1.0,
                                          save_predictions=True, verbose=False)
     es = EarlyStoppingComparison(monitor="val_loss", patience=[1])
     tiny_trainer(tmp_path, [monitor, es], max_epochs=3).fit(_model(), datamodule=_dm())
@@ -305,7 +337,7 @@ def test_calibrated_feature_is_difference_to_reference_epoch(tmp_path):
             self.seen[trainer.current_epoch] = {k: v.copy() for k, v in self.monitor.last_features.items()}
 
     monitor = MembershipInferenceMonitor(features=["loss", "logit_scaled_confidence"], attacks=["threshold"],
-                                         calibrate=["logit_scaled_confidence"], reference_epoch=1, repeats=1,
+                                         calibrate=["logit_scaled_confidence"], reference_epoch=1, protocol=StandardProtocol(repeats=1),
                                          verbose=False, report_at_end=False)
     grab = Grab(monitor)
     tiny_trainer(tmp_path, [monitor, grab], max_epochs=4).fit(_model(), datamodule=_dm())
@@ -319,3 +351,45 @@ def test_calibrated_feature_is_difference_to_reference_epoch(tmp_path):
     assert monitor.state_dict()["reference"]["epoch"] == 1
     with pytest.raises(ValueError, match="calibrate names features that are not monitored"):
         MembershipInferenceMonitor(features=["loss"], calibrate=["entropy"])
+
+
+class _FrozenBatchNormNet(pl.LightningModule):
+    """The fine-tuning recipe: a BatchNorm frozen with .eval() at train start must stay frozen while the monitor
+    audits (an audit that calls model.train() afterwards would unfreeze it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.drop = torch.nn.Dropout(0.5)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 3)
+        self.checked_steps = 0
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+    def on_train_start(self):
+        self.bn.eval()
+        for p in self.bn.parameters():
+            p.requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        assert not self.bn.training, f"BatchNorm unfrozen at epoch {self.current_epoch}"
+        assert self.training and self.drop.training and self.conv.training
+        self.checked_steps += 1
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.01)
+
+
+def test_frozen_batchnorm_stays_frozen_through_audits(tmp_path):
+    net = _FrozenBatchNormNet()
+    running_mean = net.bn.running_mean.clone()
+    monitor = MembershipInferenceMonitor(features=["loss", "gradient_norms"], attacks=["logistic_regression"],
+                                         protocol=StandardProtocol(repeats=1), every_n_epochs=1, verbose=False,
+                                         report_at_end=False)
+    tiny_trainer(tmp_path, [monitor], max_epochs=3).fit(net, datamodule=_dm())
+    assert monitor.last_epoch == 2 and len(monitor.timings) == 3  # audited every epoch
+    assert net.checked_steps == 3 * 3  # every training step of epochs 1 and 2 ran after an audit
+    torch.testing.assert_close(net.bn.running_mean, running_mean)  # frozen statistics never updated

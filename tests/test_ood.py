@@ -8,6 +8,7 @@ from lightning_mia.data import DigitsDataModule, IndexedDataset
 from lightning_mia.module import ImageClassifier
 from lightning_mia.ood import build_ood_source, ood_far
 from lightning_mia.report.history import read_history
+from lightning_mia.protocols import StandardProtocol
 from tests.helpers import scalars, tiny_trainer
 
 
@@ -63,7 +64,7 @@ def test_digits_model_far_on_noise_from_saved_scores(tmp_path):
     dm = DigitsDataModule(train_subset=300, batch_size=32)
     monitor = MembershipInferenceMonitor(features=["confidence", "loss"], attacks=["threshold", "logistic_regression"],
                                          ood_sources=["gaussian", {"name": "rotated", "tag": "rot90"}],
-                                         ood_samples=300, ratio=1.0, repeats=1, save_predictions=True,
+                                         ood_samples=300, ratio=1.0, protocol=StandardProtocol(repeats=1), save_predictions=True,
                                          every_n_epochs=15, verbose=False, report_at_end=False)
     tiny_trainer(tmp_path, [monitor], max_epochs=15).fit(
         ImageClassifier("lenet", optimizer="adam", lr=5e-3, betas=(0.5, 0.99)), datamodule=dm)
@@ -82,3 +83,34 @@ def test_digits_model_far_on_noise_from_saved_scores(tmp_path):
             checked += 1
     assert checked == 6
     assert "mia/loss/threshold/ood_gaussian/far" in scalars(run)
+
+
+def test_ood_probe_reuses_the_pools_pca_projection():
+    """An intermediate feature with a PCA cap used to be skipped by the OOD probe; now the pool's fitted projection
+    is applied to the OOD rows too (reference: sklearn's PCA fitted on the pool alone, then the same attack)."""
+    from sklearn.decomposition import PCA
+
+    from lightning_mia.auditor import Auditor
+    from lightning_mia.features import Intermediate
+    from lightning_mia.membership import MembershipData
+    from lightning_mia.ood import ood_far
+    from lightning_mia.registry import Spec
+
+    rng = np.random.default_rng(0)
+    n_pool, n_ood, d = 300, 100, 6
+    member = np.r_[np.ones(150, bool), np.zeros(150 + n_ood, bool)]
+    X = rng.normal(size=(n_pool + n_ood, d)) + 0.8 * member[:, None]
+    source = np.r_[np.zeros(n_pool, int), np.ones(n_ood, int)]
+    data = MembershipData({"layer": X}, member, np.ones(len(X), bool), np.zeros(len(X)), loss=rng.random(len(X)),
+                          source=source)
+    auditor = Auditor([Spec("intermediate", "layer", {"max_dims": 2})], [Spec("logistic_regression", "lr")],
+                      StandardProtocol(repeats=1, slices=["all"], seed=0), ood_sources=["gauss"], seed=0)
+    res = auditor.audit(data, epoch=0, feature_objs={"layer": Intermediate(max_dims=2, seed=0)})
+    row = res.row("layer", "lr", "ood_gauss")
+    pca = PCA(n_components=2, random_state=0).fit(X[:n_pool].astype(np.float32))
+    proj = lambda Z: pca.transform(Z.astype(np.float32)).astype(np.float32)  # noqa: E731
+    far, scores, _, n = ood_far(proj(X[:n_pool]), member[:n_pool], proj(X[n_pool:]), {"name": "logistic_regression"},
+                                "undersample", 0)
+    assert res.data.features["layer"].shape == (n_pool, 2)
+    assert row["n_nonmembers"] == n == n_ood and row["far"] == pytest.approx(far)
+    np.testing.assert_allclose(res.ood[("gauss", "layer", "lr")][0], scores)

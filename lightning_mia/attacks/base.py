@@ -19,24 +19,11 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from lightning_mia.registry import Registry
+from lightning_mia.validation import check_choice, check_int
 
 __all__ = ["ATTACKS", "Attack", "build_attack", "as_2d", "check_int", "check_choice"]
 
 ATTACKS = Registry("attack")
-
-
-def check_int(name: str, value: Any, minimum: int) -> int:
-    """Validate an integer option (bools rejected) with a clear ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_choice(name: str, value: Any, allowed) -> Any:
-    """Validate an option against a fixed set of allowed values."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-    return value
 
 
 def as_2d(X: Any) -> np.ndarray:

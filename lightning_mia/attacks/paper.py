@@ -52,8 +52,9 @@ from lightning_mia.attacks.protocol import (
     _bool_array,
     combine_slice_scores,
     nanmean_keys,
+    slice_record,
 )
-from lightning_mia.metrics import METRIC_KEYS, attack_metrics, mean_std, naive_baseline, zeror_baseline
+from lightning_mia.metrics import METRIC_KEYS, mean_std
 
 __all__ = [
     "PAPER_PRESETS",
@@ -257,16 +258,7 @@ def evaluate_paper(
         sel = slice_masks[s][ev]
         slice_scores[s][rows_s] = sc[sel]
         slice_pred[s][rows_s] = pr[sel].astype(np.float64)
-        m = attack_metrics(member[rows_s], sc[sel], pr[sel])
-        rec = {k: m[k] for k in METRIC_KEYS}
-        rec["n_eval_members"] = float(member[rows_s].sum())
-        rec["n_eval_nonmembers"] = float((~member[rows_s]).sum())
-        naive = naive_baseline(member[rows_s], correct_arr[rows_s])  # the authors' "blind" attack
-        zeror = zeror_baseline(member[rows_s])
-        for k in BASELINE_KEYS:
-            rec["naive_" + k] = naive[k]
-            rec["zeror_" + k] = zeror[k]
-        per_class[s].append(rec)
+        per_class[s].append(slice_record(member[rows_s], sc[sel], pr[sel], member[rows_s], correct_arr[rows_s]))
 
     for c in class_list:
         in_class = lab == c

@@ -43,6 +43,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from lightning_mia.attacks.base import Attack, as_2d, build_attack, check_int
+from lightning_mia.layout import SLICES
 from lightning_mia.metrics import (
     METRIC_KEYS,
     attack_metrics,
@@ -66,7 +67,6 @@ __all__ = [
     "ratio_key",
 ]
 
-SLICES = ("all", "correct", "misclassified")
 BALANCE_MODES = ("undersample", "oversample", "class_weight", "none")
 #: Baseline metrics reported as ``naive_{key}`` and ``zeror_{key}``.
 BASELINE_KEYS = (
@@ -220,7 +220,9 @@ def _child_seed(*key: int) -> int:
     return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
 
 
-def _check_common(eval_fraction: float, repeats: int, slices: Sequence[str], eval_ratios: Sequence[float]):
+def check_split_options(eval_fraction: float, repeats: int, slices: Sequence[str], eval_ratios: Sequence[float]
+                        ) -> Tuple[Tuple[str, ...], Tuple[float, ...]]:
+    """Validate the split options shared by :func:`evaluate` and the typed protocol; returns (slices, ratios)."""
     if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 < eval_fraction < 1:
         raise ValueError(f"eval_fraction must be a number in (0, 1), got {eval_fraction!r}")
     check_int("repeats", repeats, 1)
@@ -287,7 +289,7 @@ def evaluate(
     n = X2.shape[0]
     member = _bool_array(is_member, "is_member", n)
     correct_arr = _bool_array(correct, "correct", n)
-    slices, ratios = _check_common(eval_fraction, repeats, slices, eval_ratios)
+    slices, ratios = check_split_options(eval_fraction, repeats, slices, eval_ratios)
     check_mode(balance)
     check_int("seed", seed, 0)
     check_int("min_train_per_class", min_train_per_class, 1)
@@ -349,20 +351,9 @@ def evaluate(
                 slice_scores[s][scored] = sc_full[scored]
                 slice_pred[s][scored] = pr_full[scored].astype(np.float64)
             y_sc = member[scored]
-            if fitted:
-                fitted_count[s] += 1
-                m = attack_metrics(y_sc, sc_full[scored], pr_full[scored])
-            else:
-                m = nan_metrics(int(y_sc.sum()), int((~y_sc).sum()))
-            rec: Dict[str, float] = {k: m[k] for k in METRIC_KEYS}
-            rec["n_eval_members"] = float(y_sc.sum())
-            rec["n_eval_nonmembers"] = float((~y_sc).sum())
+            fitted_count[s] += int(fitted)
+            rec = slice_record(y_sc, sc_full[scored], pr_full[scored], member[ev], correct_arr[ev], fitted)
             rec["n_unscored"] = float(ev.sum() - scored.sum())
-            naive = naive_baseline(member[ev], correct_arr[ev])
-            zeror = zeror_baseline(member[ev])
-            for k in BASELINE_KEYS:
-                rec["naive_" + k] = naive[k]
-                rec["zeror_" + k] = zeror[k]
             for r in ratios:
                 sub = resample_to_ratio(y_sc, r, ratio_rng) if fitted else None
                 if sub is None:
@@ -402,6 +393,25 @@ def evaluate(
         rows=rows, scores=scores, fold=fold, pred=pred,
         slice_scores=slice_scores, slice_pred=slice_pred, seconds=time.perf_counter() - t0,
     )
+
+
+def slice_record(member_scored: np.ndarray, scores: np.ndarray, preds: np.ndarray, member_eval: np.ndarray,
+                 correct_eval: np.ndarray, fitted: bool = True) -> Dict[str, float]:
+    """One slice's record of one split: every attack metric on the scored rows (NaN when no attack could be
+    fitted), their counts, and the naive / ZeroR baselines on all evaluation rows of the slice."""
+    if fitted:
+        m = attack_metrics(member_scored, scores, preds)
+    else:
+        m = nan_metrics(int(member_scored.sum()), int((~member_scored).sum()))
+    rec: Dict[str, float] = {k: m[k] for k in METRIC_KEYS}
+    rec["n_eval_members"] = float(member_scored.sum())
+    rec["n_eval_nonmembers"] = float((~member_scored).sum())
+    naive = naive_baseline(member_eval, correct_eval)  # the authors' "blind" attack
+    zeror = zeror_baseline(member_eval)
+    for k in BASELINE_KEYS:
+        rec["naive_" + k] = naive[k]
+        rec["zeror_" + k] = zeror[k]
+    return rec
 
 
 def nanmean_keys(recs: Sequence[Mapping[str, float]], keys: Sequence[str]) -> Dict[str, float]:

@@ -15,6 +15,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from lightning_mia.validation import check_int
+
 __all__ = [
     "CorruptDataError",
     "IndexedDataset",
@@ -220,14 +222,6 @@ def seeded_subset(n_total: int, n: int, seed: int, stream: int) -> np.ndarray:
     return np.sort(rng.choice(n_total, size=n, replace=False))
 
 
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
-
-
 # Seed streams so that one user seed gives independent draws for the different random choices.
 _STREAM_SPLIT, _STREAM_TRAIN_SUBSET, _STREAM_HELDOUT_SUBSET = 0, 1, 2
 
@@ -277,12 +271,12 @@ class MIADataModule(pl.LightningDataModule):
         # Stored in checkpoints (``datamodule_hyper_parameters``) but not sent to the logger, so keys such as
         # ``seed`` cannot clash with the LightningModule's hyperparameters when Lightning merges them.
         self.save_hyperparameters(logger=False)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("seed", seed, 0)
-        _check_int("train_subset", train_subset, 1, allow_none=True)
-        _check_int("heldout_subset", heldout_subset, 1, allow_none=True)
-        _check_int("eval_batch_size", eval_batch_size, 1, allow_none=True)
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
+        check_int("seed", seed, 0)
+        check_int("train_subset", train_subset, 1, allow_none=True)
+        check_int("heldout_subset", heldout_subset, 1, allow_none=True)
+        check_int("eval_batch_size", eval_batch_size, 1, allow_none=True)
         if not isinstance(pin_memory, bool):
             raise ValueError(f"pin_memory must be True or False, got {pin_memory!r}")
         self.batch_size = int(batch_size)

@@ -1,7 +1,7 @@
 """scikit-learn's 8x8 digits: the embedded default data set (no download, no files)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
@@ -61,15 +61,9 @@ class DigitsDataModule(MIADataModule):
         self,
         train_fraction: float = 0.5,
         normalize: bool = True,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        train_subset: Optional[int] = None,
-        heldout_subset: Optional[int] = None,
-        eval_batch_size: Optional[int] = None,
-        pin_memory: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, train_subset, heldout_subset, eval_batch_size, pin_memory)
+        super().__init__(**kwargs)  # the MIADataModule options: batch_size, seed, train_subset, ...
         if isinstance(train_fraction, bool) or not isinstance(train_fraction, (int, float)) or not (
             0.0 < float(train_fraction) < 1.0
         ):

@@ -11,7 +11,7 @@ import gzip
 import struct
 import zlib
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -239,15 +239,9 @@ class MNISTDataModule(MIADataModule):
         dataset: str = "mnist",
         download: bool = False,
         normalize: bool = True,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        train_subset: Optional[int] = None,
-        heldout_subset: Optional[int] = None,
-        eval_batch_size: Optional[int] = None,
-        pin_memory: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, train_subset, heldout_subset, eval_batch_size, pin_memory)
+        super().__init__(**kwargs)  # the MIADataModule options: batch_size, seed, train_subset, ...
         if dataset not in _NORMALIZATION:
             raise ValueError(f"dataset must be one of {', '.join(repr(d) for d in DATASETS)}, got {dataset!r}")
         if not isinstance(download, bool):

@@ -1,7 +1,7 @@
 """Seeded random images of any shape, with a tunable class signal: for tests and quick experiments."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,15 +59,9 @@ class SyntheticDataModule(MIADataModule):
         n_heldout: int = 256,
         signal: float = 1.0,
         augment: bool = False,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        train_subset: Optional[int] = None,
-        heldout_subset: Optional[int] = None,
-        eval_batch_size: Optional[int] = None,
-        pin_memory: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, train_subset, heldout_subset, eval_batch_size, pin_memory)
+        super().__init__(**kwargs)  # the MIADataModule options: batch_size, seed, train_subset, ...
         shape = tuple(input_shape)
         if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
             raise ValueError(f"input_shape must be three positive integers (C, H, W), got {input_shape!r}")

@@ -25,7 +25,8 @@ Example:
     >>> extract_features(model, "entropy", (torch.randn(6, 4), torch.zeros(6, dtype=torch.long))).shape
     (6, 1)
 """
-from lightning_mia.features.base import FEATURES, Feature, build_feature, eval_mode, extract_features  # noqa: I001
+from lightning_mia.features.base import FEATURES, Feature, build_feature, eval_mode  # noqa: I001
+from lightning_mia.features.extract import extract_features, run_extraction
 from lightning_mia.features.confidence import (
     Confidence,
     Entropy,
@@ -45,6 +46,7 @@ __all__ = [
     "build_feature",
     "eval_mode",
     "extract_features",
+    "run_extraction",
     "Confidence",
     "Softmax",
     "TrueClassProb",

@@ -1,36 +1,29 @@
-"""Feature base class, the ``FEATURES`` registry and :func:`extract_features`.
+"""Feature base class, the ``FEATURES`` registry and the helpers features share (eval mode, autograd, chunks).
 
 A feature turns a batch ``(x, y)`` and the model's logits on it into a float32 ``(n, d)`` tensor, one row per
 sample. Features are plain objects on tensors; the membership-inference callback only orchestrates them.
 
 Example:
-    >>> import torch
-    >>> from torch import nn
-    >>> from lightning_mia.features import FEATURES, extract_features
-    >>> model = nn.Linear(4, 3)
-    >>> x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
-    >>> extract_features(model, "loss", (x, y), batch_size=4).shape
-    (10, 1)
-    >>> extract_features(model, {"name": "confidence", "top_k": 2}, (x, y)).shape
-    (10, 2)
+    >>> from lightning_mia.features import FEATURES
+    >>> FEATURES.build({"name": "confidence", "top_k": 2}).top_k
+    2
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 
 from lightning_mia.registry import Registry
+from lightning_mia.validation import check_choice, check_positive  # noqa: F401 - used by the feature modules
 
 __all__ = [
     "FEATURES",
     "Feature",
     "build_feature",
-    "extract_features",
     "eval_mode",
     "model_device",
     "iter_chunks",
@@ -72,9 +65,13 @@ class Feature:
         """
         raise NotImplementedError
 
-    def fit_postprocess(self, X: np.ndarray) -> np.ndarray:
-        """Post-process the whole audit pool's ``(n, d)`` array at once (default: identity)."""
-        return X
+    def fit_postprocess(self, X: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """Fit a post-processing transform on the whole audit pool's ``(n, d)`` array and return it.
+
+        The transform applies to the pool and to any other rows later (e.g. out-of-distribution probes), so
+        they are projected the same way. Default: the identity.
+        """
+        return _identity
 
     def dim_names(self, d: int) -> List[str]:
         """Names of the ``d`` output columns (default ``{name}_{i}``)."""
@@ -93,6 +90,10 @@ class Feature:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
+
+
+def _identity(X: np.ndarray) -> np.ndarray:
+    return X
 
 
 def build_feature(spec: Union[Spec, Feature], **defaults: Any) -> Feature:
@@ -159,79 +160,6 @@ def iter_chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
-def _batches(
-    data: Union[Dataset, Sequence[Tensor], Tuple[Tensor, Tensor]], batch_size: int
-) -> Iterator[Tuple[Tensor, Tensor]]:
-    if isinstance(data, (tuple, list)) and len(data) >= 2 and all(isinstance(t, Tensor) for t in data[:2]):
-        x, y = data[0], data[1]
-        if len(x) != len(y):
-            raise ValueError(f"x and y have different lengths: {len(x)} and {len(y)}")
-        for sl in iter_chunks(len(x), batch_size):
-            yield x[sl], y[sl]
-        return
-    if not isinstance(data, Dataset) and not hasattr(data, "__getitem__"):
-        raise TypeError(
-            "data must be a Dataset of (x, y, index) or (x, y) items, or a tuple of tensors (x, y); "
-            f"got {type(data).__name__}"
-        )
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
-    for batch in loader:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError("Dataset items must be (x, y, index) or (x, y) tuples")
-        yield batch[0], batch[1]
-
-
-def extract_features(
-    model: nn.Module,
-    feature: Union[Spec, Feature],
-    data: Union[Dataset, Sequence[Tensor], Tuple[Tensor, Tensor]],
-    batch_size: int = 256,
-    device: Optional[Union[str, torch.device]] = None,
-    postprocess: bool = False,
-) -> np.ndarray:
-    """Run ``feature`` over ``data`` and return a float32 ``(n, d)`` numpy array.
-
-    Works outside Lightning. The model is put in eval mode for the pass; every module's training flag and
-    every parameter's ``requires_grad`` flag are restored afterwards.
-
-    Args:
-        model: the target classifier (returns logits).
-        feature: a :class:`Feature`, a registered name, or ``{"name": ..., **options}``.
-        data: a Dataset yielding ``(x, y, index)`` or ``(x, y)`` items, or a tuple of tensors ``(x, y)``.
-        batch_size: samples per forward pass (gradient features chunk further internally).
-        device: where to compute; default the model's device (the model is not moved).
-        postprocess: also apply ``feature.fit_postprocess`` (e.g. a PCA cap) to the result. Only correct when
-            ``data`` is the whole audit pool; otherwise call ``fit_postprocess`` once on the concatenated pool.
-
-    Example:
-        >>> import torch
-        >>> model = torch.nn.Linear(2, 2)
-        >>> extract_features(model, "softmax", (torch.zeros(3, 2), torch.zeros(3, dtype=torch.long))).dtype
-        dtype('float32')
-    """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    feat = build_feature(feature)
-    dev = torch.device(device) if device is not None else model_device(model)
-    parts: List[np.ndarray] = []
-    with eval_mode(model):
-        for x, y in _batches(data, batch_size):
-            x = x.to(dev)
-            y = torch.as_tensor(y).to(dev).long()
-            with torch.no_grad():
-                logits = model(x)
-            ctx = torch.enable_grad() if feat.requires_grad else torch.no_grad()
-            with ctx:
-                values = feat.extract(model, x, y, logits)
-            parts.append(values.detach().float().reshape(len(x), -1).cpu().numpy())
-    if not parts:
-        return np.zeros((0, 0), dtype=np.float32)
-    out = np.concatenate(parts).astype(np.float32, copy=False)
-    if postprocess:
-        out = np.asarray(feat.fit_postprocess(out), dtype=np.float32)
-    return out
-
-
 def as_long_labels(y: Optional[Tensor], n: int, device: torch.device) -> Tensor:
     """Labels as an int64 tensor of shape ``(n,)`` on ``device`` (raises when missing)."""
     if y is None:
@@ -242,19 +170,4 @@ def as_long_labels(y: Optional[Tensor], n: int, device: torch.device) -> Tensor:
     return y
 
 
-def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
-    """Raise a ValueError naming the allowed values unless ``value`` is one of them."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-    return value
-
-
-def check_positive(name: str, value: Any, integer: bool = False, allow_zero: bool = False) -> Any:
-    """Raise a ValueError unless ``value`` is a positive (or non-negative) number / integer."""
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or (value < 0 if allow_zero else value <= 0) or value != value:
-        kind = "integer" if integer else "number"
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a {kind} {bound}, got {value!r}")
-    return value
 

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -168,7 +168,7 @@ class BoundaryDistance(Feature):
 
     def __init__(
         self,
-        preset: str = "fast",
+        preset: Literal["fast", "paper"] = "fast",
         step: Optional[float] = None,
         growth: Optional[float] = None,
         shrink: Optional[float] = None,

@@ -35,8 +35,9 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -130,7 +131,7 @@ class Intermediate(Feature):
     def __init__(
         self,
         layers: Union[Layer, Sequence[Layer]] = -1,
-        index_mode: str = "paper",
+        index_mode: Literal["paper", "leaves"] = "paper",
         max_dims: Optional[int] = None,
         seed: int = 0,
     ) -> None:
@@ -200,19 +201,28 @@ class Intermediate(Feature):
         self._widths = [(f"{layer}", p.shape[1]) for layer, p in zip(self.layers, parts)]
         return torch.cat(parts, dim=1)
 
-    def fit_postprocess(self, X: np.ndarray) -> np.ndarray:
-        """Project the whole pool onto ``max_dims`` principal components when it is wider than that."""
+    def fit_postprocess(self, X: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """Fit the PCA cap on the whole pool when it is wider than ``max_dims``; returns the projection (float32),
+        which applies to other rows (e.g. out-of-distribution probes) too."""
         X = np.asarray(X, dtype=np.float32)
         if self.max_dims is None or X.ndim != 2 or X.shape[1] <= self.max_dims:
-            return X
+            return _float32
         from sklearn.decomposition import PCA
 
-        n_comp = min(self.max_dims, X.shape[0])
-        self._pca = PCA(n_components=n_comp, random_state=self.seed)
-        return self._pca.fit_transform(X).astype(np.float32)
+        pca = PCA(n_components=min(self.max_dims, X.shape[0]), random_state=self.seed).fit(X)
+        self._pca = pca
+        return functools.partial(_project, pca)
 
     def dim_names(self, d: int) -> List[str]:
         if self.max_dims is not None and d <= self.max_dims and self._pca is not None:
             return [f"pc_{i}" for i in range(d)]
         names = [f"layer[{layer}]_{j}" for layer, w in self._widths for j in range(w)]
         return names if len(names) == d else super().dim_names(d)
+
+
+def _float32(X: np.ndarray) -> np.ndarray:
+    return np.asarray(X, dtype=np.float32)
+
+
+def _project(pca: Any, X: np.ndarray) -> np.ndarray:
+    return pca.transform(np.asarray(X, dtype=np.float32)).astype(np.float32)

@@ -10,6 +10,8 @@ from typing import Optional, Sequence, Type, Union
 
 from torch import Tensor, nn
 
+from lightning_mia.models.init import bearpaw_init
+
 from lightning_mia.models.registry import (
     MODELS,
     check_forward,
@@ -161,13 +163,8 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def reset_parameters(self) -> None:
-        """bearpaw's initialisation: He-normal (fan-out) convolutions, BatchNorm weight 1 and bias 0."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        """bearpaw's initialisation (:func:`lightning_mia.models.init.bearpaw_init`)."""
+        bearpaw_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -1,6 +1,6 @@
 """Privacy report of a finished (or running) audit, from the files in its run directory — no re-training.
 
-``write_report(run_dir)`` reads ``{run_dir}/mia/history.csv`` (DESIGN.md §4), ``mia/early_stopping.json`` when
+``write_report(run_dir)`` reads ``{run_dir}/mia/history.csv`` (docs/design.md §4), ``mia/early_stopping.json`` when
 present (otherwise early stopping is recomputed from the history's ``test_loss``) and
 ``mia/predictions/epoch_NNNN.npz`` when present, and writes ``report.md``, ``early_stopping.csv`` and
 ``figures/*.png`` into ``{run_dir}/mia`` (or ``out``). ``compare_runs`` overlays several runs.
@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 # Light imports only: the training callbacks import lightning_mia.report.history, and matplotlib is not needed
 # until a report is written.
+from lightning_mia.layout import EARLY_STOPPING_CSV, FIGURES_DIR, REPORT_MD, RunLayout, score_key
 from lightning_mia.report.history import read_history
 
 __all__ = ["write_report", "compare_runs", "main_report", "main_compare", "load_run"]
@@ -36,7 +37,8 @@ def load_run(run_dir: str) -> Dict[str, Any]:
     """
     from lightning_mia.report.tables import es_results_from_history
 
-    path = os.path.join(run_dir, "mia", "history.csv")
+    layout = RunLayout(run_dir)
+    path = layout.history
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"no membership-inference history at {path!r}: RUN_DIR must be a run directory (the TensorBoard "
@@ -44,7 +46,7 @@ def load_run(run_dir: str) -> Dict[str, Any]:
     rows = read_history(path)
     if not rows:
         raise ValueError(f"{path!r} has no rows yet: the monitor has not finished an audit in this run")
-    es_path = os.path.join(run_dir, "mia", "early_stopping.json")  # EarlyStoppingComparison's file
+    es_path = layout.early_stopping_json  # EarlyStoppingComparison's file
     if os.path.isfile(es_path):
         with open(es_path) as fh:
             es = json.load(fh)
@@ -102,14 +104,15 @@ def write_report(run_dir: str, out: Optional[str] = None, roc_epochs: Optional[S
 
     run = load_run(run_dir)
     rows, es = run["rows"], run["es"]
-    out = out or os.path.join(run_dir, "mia")
-    fig_dir = os.path.join(out, "figures")
+    layout = RunLayout(run_dir)
+    out = out or layout.mia
+    fig_dir = os.path.join(out, FIGURES_DIR)
     os.makedirs(fig_dir, exist_ok=True)
 
     table = comparison_table(rows, es)
-    csv_path = write_early_stopping_csv(run_dir, table, path=os.path.join(out, "early_stopping.csv"))
+    csv_path = write_early_stopping_csv(run_dir, table, path=os.path.join(out, EARLY_STOPPING_CSV))
     es_epochs = {r["name"]: r.get("stop_epoch") for r in es.get("rules", [])}
-    preds = plots.prediction_files(run_dir)
+    preds = layout.prediction_files()
     pairs = table_combos(rows)
     epochs = sorted({int(r["epoch"]) for r in rows if r.get("epoch") is not None})
 
@@ -173,17 +176,15 @@ def write_report(run_dir: str, out: Optional[str] = None, roc_epochs: Optional[S
            "misclassified slice late in training concerns only this many training samples (Rezaei & Liu 2021, "
            "supplementary: \"after epoch 160, there are only a handful of misclassified training samples\").",
            "- FAR = non-members called members; balanced accuracy 0.5 = chance.", ""]
-    from lightning_mia.report.history import atomic_write_text
+    from lightning_mia.io import atomic_write_text
 
-    path = os.path.join(out, "report.md")
+    path = os.path.join(out, REPORT_MD)
     atomic_write_text(path, "\n".join(md))
     return path
 
 
 def _has_scores(path: str, feature: str, attack: str) -> bool:
     import numpy as np
-
-    from lightning_mia.report.plots import score_key
 
     with np.load(path, allow_pickle=False) as data:
         return score_key(feature, attack) in data.files

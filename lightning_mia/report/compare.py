@@ -15,9 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from lightning_mia.report.history import atomic_write_text
-
-SLICES = ("all", "correct", "misclassified")
+from lightning_mia.io import atomic_write_text
+from lightning_mia.layout import FIGURES_DIR, SLICES
 
 
 def run_labels(run_dirs: Sequence[str]) -> List[str]:
@@ -118,7 +117,7 @@ def compare_runs(run_dirs: Sequence[str], out: str, labels: Optional[Sequence[st
         raise ValueError("the runs share no feature/attack combination: " + "; ".join(
             f"{lab}: {', '.join(f'{f}/{a}' for f, a in cs) or 'none'}" for lab, cs in zip(labels, per_run)))
     tables = [comparison_table(r["rows"], r["es"]) for r in runs]
-    fig_dir = os.path.join(out, "figures")
+    fig_dir = os.path.join(out, FIGURES_DIR)
     md = ["# Membership-inference comparison", "", "Runs:", ""]
     md += [f"- **{lab}**: `{os.path.abspath(d)}`" for lab, d in zip(labels, run_dirs)] + [""]
     for f, a in shared:

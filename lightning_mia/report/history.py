@@ -1,4 +1,4 @@
-"""Reading and atomically writing ``mia/history.csv`` (DESIGN.md §4).
+"""Reading and atomically writing ``mia/history.csv`` (its columns: :data:`lightning_mia.layout.HISTORY_COLUMNS`).
 
 The history is long format: one row per (epoch, feature, attack, slice). The file is always rewritten whole
 through a temp file + fsync + rename, so a kill at any moment leaves either the old or the new file, never a
@@ -19,23 +19,10 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
-#: Key columns (strings / ints) — everything else is numeric.
-KEY_COLUMNS = ("epoch", "feature", "attack", "slice")
-INT_COLUMNS = ("epoch", "n_members", "n_nonmembers", "repeats", "n_dropped")
-STR_COLUMNS = ("feature", "attack", "slice")
-
-#: The contracted columns, in file order (DESIGN.md §4); extra metric columns follow, sorted.
-HISTORY_COLUMNS = (
-    "epoch", "feature", "attack", "slice", "n_members", "n_nonmembers", "repeats",
-    "balanced_accuracy", "balanced_accuracy_std", "far", "far_std", "accuracy", "accuracy_std", "tpr", "tpr_std",
-    "tnr", "precision_member", "recall_member", "precision_nonmember", "recall_nonmember", "f1", "advantage",
-    "auc", "auc_std", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
-    "naive_balanced_accuracy", "naive_far", "train_acc", "test_acc", "train_loss", "test_loss",
-)
-
+from lightning_mia.io import atomic_write_bytes, atomic_write_text  # noqa: F401 - re-exported
+from lightning_mia.layout import HISTORY_COLUMNS, INT_COLUMNS, KEY_COLUMNS, STR_COLUMNS  # noqa: F401
 
 def _fmt(value: Any) -> str:
     if value is None:
@@ -84,28 +71,6 @@ def columns_for(rows: Sequence[Mapping[str, Any]]) -> List[str]:
     """Contracted columns first, then any extra keys in sorted order."""
     extra = sorted({k for r in rows for k in r} - set(HISTORY_COLUMNS))
     return list(HISTORY_COLUMNS) + extra
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file, fsync and rename (atomic on POSIX)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """UTF-8 text through :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_history(path: str, rows: Sequence[Mapping[str, Any]]) -> None:

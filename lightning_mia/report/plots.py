@@ -20,7 +20,6 @@ Example:
 """
 from __future__ import annotations
 
-import glob
 import math
 import os
 import re
@@ -28,7 +27,9 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-SLICES = ("all", "correct", "misclassified")
+from lightning_mia.layout import SLICES, RunLayout, score_key
+from lightning_mia.validation import as_float as _f
+
 SLICE_TITLES = {"all": "All samples", "correct": "Correctly classified", "misclassified": "Misclassified"}
 PredictionSource = Union[str, Mapping[str, np.ndarray]]
 
@@ -43,13 +44,6 @@ def _cmap(name: str):
     import matplotlib
 
     return matplotlib.colormaps[name]
-
-
-def _f(x: Any) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _series(rows: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
@@ -167,13 +161,8 @@ def training_progress_figure(
 
 # ---- predictions -------------------------------------------------------------------------------------------------
 def prediction_files(run_dir: str) -> Dict[int, str]:
-    """``{epoch: path}`` of ``{run_dir}/mia/predictions/epoch_NNNN.npz``."""
-    out = {}
-    for p in glob.glob(os.path.join(run_dir, "mia", "predictions", "epoch_*.npz")):
-        m = re.match(r"epoch_(\d+)\.npz$", os.path.basename(p))
-        if m:
-            out[int(m.group(1))] = p
-    return dict(sorted(out.items()))
+    """``{epoch: path}`` of a run's predictions files (see :meth:`lightning_mia.layout.RunLayout.prediction_files`)."""
+    return RunLayout(run_dir).prediction_files()
 
 
 def load_predictions(source: PredictionSource) -> Dict[str, np.ndarray]:
@@ -182,11 +171,6 @@ def load_predictions(source: PredictionSource) -> Dict[str, np.ndarray]:
         with np.load(source, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     return dict(source)
-
-
-def score_key(feature: str, attack: str) -> str:
-    """Array name of an attack's scores in a predictions file."""
-    return f"score__{feature}__{attack}"
 
 
 def _slice_mask(pred: Mapping[str, np.ndarray], slice_: str) -> np.ndarray:

@@ -5,6 +5,8 @@ import glob
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from lightning_mia import layout as L
+
 def summary_table(table: List[Mapping[str, Any]], feature: str, attack: str) -> str:
     """Markdown early-stopping comparison of one feature/attack across slices."""
     from lightning_mia.report.tables import markdown_table, pm
@@ -37,16 +39,16 @@ def finish_run(run_dir: str, writer: Any = None, hparams: Optional[Mapping[str, 
         from lightning_mia.report import tensorboard as tb
 
         for f, a in pairs:
-            tb.add_text_table(writer, f"mia/{f}/{a}/early_stopping", summary_table(table, f, a), step)
-        figures = sorted(glob.glob(os.path.join(os.path.dirname(path), "figures", "*.png")))
-        tb.add_figures(writer, {f"mia_figures/{os.path.splitext(os.path.basename(p))[0]}": p for p in figures}, step)
+            tb.add_text_table(writer, L.early_stopping_text_tag(f, a), summary_table(table, f, a), step)
+        figures = sorted(glob.glob(os.path.join(os.path.dirname(path), L.FIGURES_DIR, "*.png")))
+        tb.add_figures(writer, {L.figure_tag(os.path.splitext(os.path.basename(p))[0]): p for p in figures}, step)
         metrics: Dict[str, float] = {}
         for r in table:  # final, best-validation and early-stopping epochs, on all samples
             if r["slice"] != "all" or r["point"] == "max_leakage":
                 continue
             for k in ("balanced_accuracy", "far"):
-                metrics[f"hparams/{r['feature']}/{r['attack']}/{r['point']}/{k}"] = r[k]
-            metrics[f"hparams/{r['point']}/test_acc"] = r["test_acc"]
+                metrics[L.hparam_tag(r["feature"], r["attack"], r["point"], k)] = r[k]
+            metrics[L.hparam_tag(r["point"], "test_acc")] = r["test_acc"]
         tb.add_hparams(writer, dict(hparams or {}), metrics, step)
         writer.flush()
     return path, summary

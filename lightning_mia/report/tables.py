@@ -27,12 +27,11 @@ import math
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from lightning_mia.report.history import atomic_write_text
-
-SLICES = ("all", "correct", "misclassified")
-#: Same as ``lightning_mia.callbacks.early_stopping.DEFAULT_PATIENCES`` (not imported: that module imports
-#: pytorch_lightning, which a report of a finished run does not need).
-DEFAULT_PATIENCES = (3, 5, 10)
+from lightning_mia.io import atomic_write_text
+from lightning_mia.layout import SLICES, RunLayout
+from lightning_mia.stopping import DEFAULT_PATIENCES
+from lightning_mia.validation import as_float as _f
+from lightning_mia.validation import is_finite as _finite
 
 #: Columns of the comparison table / ``mia/early_stopping.csv``.
 TABLE_COLUMNS = (
@@ -40,18 +39,6 @@ TABLE_COLUMNS = (
     "balanced_accuracy", "balanced_accuracy_std", "far", "far_std", "tpr_at_0.1pct_fpr", "auc",
     "n_members", "n_nonmembers", "n_misclassified_members", "note",
 )
-
-
-def _f(x: Any) -> float:
-    """Float or NaN (None, '' and non-numbers become NaN)."""
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _finite(x: Any) -> bool:
-    return math.isfinite(_f(x))
 
 
 def combos(history_rows: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]:
@@ -87,7 +74,7 @@ def es_results_from_history(
 ) -> Dict[str, Any]:
     """Early-stopping results recomputed from the history's ``test_loss`` (used when the run has no
     ``early_stopping.json``). Patience then counts *monitored* epochs, since that is all the history holds."""
-    from lightning_mia.callbacks.early_stopping import early_stopping_results
+    from lightning_mia.stopping import early_stopping_results
 
     pairs = epoch_series(history_rows, "test_loss")
     epochs = [int(r["epoch"]) for r in history_rows if r.get("epoch") is not None]
@@ -203,7 +190,7 @@ def table_to_csv(table: Sequence[Mapping[str, Any]], columns: Sequence[str] = TA
 
 def write_early_stopping_csv(run_dir: str, table: Sequence[Mapping[str, Any]], path: Optional[str] = None) -> str:
     """Write the table to ``{run_dir}/mia/early_stopping.csv`` (or ``path``) atomically; returns the path."""
-    path = path or os.path.join(run_dir, "mia", "early_stopping.csv")
+    path = path or RunLayout(run_dir).early_stopping_csv
     atomic_write_text(path, table_to_csv(table))
     return path
 

@@ -3,7 +3,7 @@
 Every function takes a ``torch.utils.tensorboard.SummaryWriter`` (in Lightning: ``trainer.logger.experiment`` of a
 ``TensorBoardLogger``) and writes into that writer's run directory. Call them on rank zero only.
 
-Tags (DESIGN.md §4): scalars ``mia/{feature}/{attack}/{slice}/{metric}`` and ``target/{train,test}_{acc,loss}``
+Tags (docs/design.md §4): scalars ``mia/{feature}/{attack}/{slice}/{metric}`` and ``target/{train,test}_{acc,loss}``
 (written by the monitor); here: the layout that charts them together, ``mia/{feature}/{attack}/scores/member``
 and ``.../nonmember`` histograms.
 
@@ -22,17 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-SLICES = ("all", "correct", "misclassified")
-
-
-def metric_tag(feature: str, attack: str, slice_: str, metric: str) -> str:
-    """Scalar tag of an attack metric (DESIGN.md §4)."""
-    return f"mia/{feature}/{attack}/{slice_}/{metric}"
-
-
-def score_tag(feature: str, attack: str, group: str) -> str:
-    """Histogram tag of attack scores; ``group`` is ``member`` or ``nonmember``."""
-    return f"mia/{feature}/{attack}/scores/{group}"
+from lightning_mia.layout import SLICES, metric_tag, score_tag, target_tag  # noqa: F401 - re-exported
 
 
 def _exact(tag: str) -> str:
@@ -55,8 +45,8 @@ def custom_scalars_layout(
             for s in slices
         }
     layout["target"] = {
-        "train / test accuracy": ["Multiline", [_exact("target/train_acc"), _exact("target/test_acc")]],
-        "train / test loss": ["Multiline", [_exact("target/train_loss"), _exact("target/test_loss")]],
+        "train / test accuracy": ["Multiline", [_exact(target_tag("train_acc")), _exact(target_tag("test_acc"))]],
+        "train / test loss": ["Multiline", [_exact(target_tag("train_loss")), _exact(target_tag("test_loss"))]],
     }
     return layout
 

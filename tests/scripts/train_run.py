@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
 from lightning_mia.callbacks import EarlyStoppingComparison, MembershipInferenceMonitor  # noqa: E402
 from lightning_mia.data import SyntheticDataModule  # noqa: E402
 from lightning_mia.module import ImageClassifier  # noqa: E402
+from lightning_mia.protocols import StandardProtocol  # noqa: E402
 
 
 class Sleep(pl.Callback):
@@ -51,7 +52,7 @@ def main() -> None:
                              batch_size=16, seed=0)
     model = ImageClassifier("lenet", num_classes=3, input_shape=(1, 8, 8), optimizer="sgd", lr=args.lr)
     monitor = MembershipInferenceMonitor(features=args.features.split(","), attacks=["threshold", "logistic_regression"],
-                                         repeats=2, ratio=1.5, save_predictions=True, verbose=False,
+                                         protocol=StandardProtocol(repeats=2), ratio=1.5, save_predictions=True, verbose=False,
                                          report_at_end=False)
     ckpt = ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), save_last=True, every_n_epochs=1, save_top_k=-1)
     callbacks = [monitor, EarlyStoppingComparison(monitor="val_loss", patience=[1, 2]), ckpt]
