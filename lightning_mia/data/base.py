@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from lightning_mia.validation import check_int
 
+from .canaries import CanaryConfig, draw_canaries
+
 __all__ = [
     "CorruptDataError",
     "IndexedDataset",
@@ -230,7 +232,7 @@ class MIADataModule(pl.LightningDataModule):
     """Base datamodule: a train split (members) and a held-out split (non-members), items ``(x, y, index)``.
 
     Subclasses implement :meth:`_load_splits` (and optionally :meth:`_train_transform`); this class takes
-    care of subsets, data loaders and seeding.
+    care of subsets, canaries, data loaders and seeding.
 
     Args:
         batch_size: training (and, unless ``eval_batch_size`` is given, evaluation) batch size.
@@ -242,8 +244,21 @@ class MIADataModule(pl.LightningDataModule):
         heldout_subset: likewise for the held-out split (validation/test and non-members).
         eval_batch_size: batch size of the validation/test loaders (default: ``batch_size``).
         pin_memory: passed to every DataLoader (useful when training on CUDA).
+        canaries: one-run auditing (Steinke, Nasr & Jagielski, NeurIPS 2023): ``{"count": m, "seed": s}`` (a
+            :class:`~lightning_mia.data.canaries.CanaryConfig`; ``seed`` defaults to ``seed``) draws m candidates
+            from the train split (after ``train_subset``) and trains on each by a seeded fair coin; the rest of the
+            train split is always trained on. :meth:`canary_dataset` holds the m candidates (in index order),
+            :meth:`canary_inclusion` the coins (True = trained on). :meth:`train_dataset` holds the ordinary
+            samples plus the included canaries; :meth:`member_dataset` only the ordinary samples -- included
+            canaries are trained on, but they stay out of the member/non-member audit pool, so no attack is ever
+            fitted on a canary's inclusion bit and the one-run audit's guesses stay blind to the coins.
+            Excluded canaries are in no dataset but :meth:`canary_dataset`.
 
     Attributes (final after :meth:`setup`): ``num_classes``, ``input_shape`` ``(C, H, W)``, ``class_names``.
+
+    A datamodule of your own supports one-run auditing by providing the same two methods: ``canary_dataset()``
+    (``(x, y, index)`` items, no augmentation) and ``canary_inclusion()`` (bool array aligned with it), and by
+    training on exactly the included canaries.
 
     Example:
         >>> from lightning_mia.data import SyntheticDataModule
@@ -252,6 +267,10 @@ class MIADataModule(pl.LightningDataModule):
         >>> x, y, index = next(iter(dm.train_dataloader()))
         >>> tuple(x.shape), len(dm.member_dataset()), len(dm.nonmember_dataset())
         ((8, 1, 8, 8), 12, 10)
+        >>> dm = SyntheticDataModule(n_train=40, n_heldout=10, canaries={"count": 10, "seed": 1})
+        >>> inc = dm.canary_inclusion()
+        >>> len(dm.canary_dataset()), len(dm.train_dataset()) == 30 + int(inc.sum()), len(dm.member_dataset())
+        (10, True, 30)
     """
 
     num_classes: int
@@ -266,11 +285,15 @@ class MIADataModule(pl.LightningDataModule):
         heldout_subset: Optional[int] = None,
         eval_batch_size: Optional[int] = None,
         pin_memory: bool = False,
+        canaries: Optional[CanaryConfig] = None,
     ) -> None:
         super().__init__()
         # Stored in checkpoints (``datamodule_hyper_parameters``) but not sent to the logger, so keys such as
         # ``seed`` cannot clash with the LightningModule's hyperparameters when Lightning merges them.
         self.save_hyperparameters(logger=False)
+        self.canaries = CanaryConfig.coerce(canaries)
+        # plain types in the checkpoint (LightningCLI resumes with torch.load(weights_only=True))
+        self.hparams["canaries"] = None if self.canaries is None else self.canaries.to_dict()
         check_int("batch_size", batch_size, 1)
         check_int("num_workers", num_workers, 0)
         check_int("seed", seed, 0)
@@ -289,6 +312,9 @@ class MIADataModule(pl.LightningDataModule):
         self.class_names: List[str] = []
         self._train: Optional[IndexedTensorDataset] = None
         self._heldout: Optional[IndexedTensorDataset] = None
+        self._members: Optional[IndexedTensorDataset] = None
+        self._canaries: Optional[IndexedTensorDataset] = None
+        self._canary_included: Optional[np.ndarray] = None
 
     # --- to implement in subclasses -------------------------------------------------------------------
     def _load_splits(self) -> Tuple[IndexedTensorDataset, IndexedTensorDataset]:
@@ -301,7 +327,8 @@ class MIADataModule(pl.LightningDataModule):
 
     # --- Lightning hooks ------------------------------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:
-        """Load both splits once (later calls are no-ops) and apply ``train_subset``/``heldout_subset``."""
+        """Load both splits once (later calls are no-ops), apply ``train_subset``/``heldout_subset`` and draw the
+        canaries."""
         if self._train is not None:
             return
         train, heldout = self._load_splits()
@@ -312,7 +339,15 @@ class MIADataModule(pl.LightningDataModule):
             raise CorruptDataError(
                 f"train images have shape {train.input_shape} but held-out images {heldout.input_shape}"
             )
-        self._train, self._heldout = train, heldout
+        members = train
+        if self.canaries is not None:
+            positions, included = draw_canaries(len(train), self.canaries, self.seed)
+            ordinary = np.setdiff1d(np.arange(len(train)), positions)
+            self._canaries, self._canary_included = train.subset(positions), included
+            members = train.subset(ordinary)
+            # the trained-on set keeps the split's order: ordinary samples and included canaries, sorted
+            train = train.subset(np.sort(np.concatenate([ordinary, positions[included]])))
+        self._train, self._heldout, self._members = train, heldout, members
 
     def _apply_subset(
         self, split: IndexedTensorDataset, n: Optional[int], arg: str, what: str, stream: int
@@ -330,13 +365,31 @@ class MIADataModule(pl.LightningDataModule):
         return self._train, self._heldout
 
     def train_dataset(self) -> IndexedTensorDataset:
-        """The training split as trained on: with augmentation when configured."""
+        """The training split as trained on (with the included canaries): with augmentation when configured."""
         train, _ = self._splits()
         return train.with_transform(self._train_transform(), seed=self.seed)
 
     def member_dataset(self) -> IndexedTensorDataset:
-        """Every trained-on sample, without augmentation; items ``(x, y, index)``."""
-        return self._splits()[0]
+        """Every trained-on sample except the canaries, without augmentation; items ``(x, y, index)``."""
+        self._splits()
+        assert self._members is not None
+        return self._members
+
+    def canary_dataset(self) -> IndexedTensorDataset:
+        """The ``canaries.count`` candidates (included or not) in index order, without augmentation; items
+        ``(x, y, index)`` with ``index`` their position in the full train split."""
+        self._splits()
+        if self._canaries is None:
+            raise ValueError("this datamodule has no canaries: pass canaries={'count': m} (YAML: "
+                             "data.init_args.canaries: {count: m})")
+        return self._canaries
+
+    def canary_inclusion(self) -> np.ndarray:
+        """One fair coin per canary, aligned with :meth:`canary_dataset`: True = in the training set. The same
+        ``canaries.seed`` (default ``seed``) and split always give the same coins."""
+        self.canary_dataset()
+        assert self._canary_included is not None
+        return self._canary_included.copy()
 
     def nonmember_dataset(self) -> IndexedTensorDataset:
         """The held-out split (never trained on), without augmentation; items ``(x, y, index)``."""
@@ -356,8 +409,17 @@ class MIADataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled with a generator seeded by ``seed`` (a new order each epoch, the same every run)."""
-        return self._loader(self.train_dataset(), self.batch_size, shuffle=True)
+        """Shuffled with a generator seeded by ``seed`` (a new order each epoch, the same every run).
+
+        A LightningModule that draws its batches differently says so with a ``prepare_train_dataloader(loader)``
+        method, which gets this loader and returns the one to train on: DP-SGD's Poisson sampling
+        (:meth:`lightning_mia.module.ImageClassifier.prepare_train_dataloader`).
+        """
+        loader = self._loader(self.train_dataset(), self.batch_size, shuffle=True)
+        trainer = getattr(self, "trainer", None)
+        module = trainer.lightning_module if trainer is not None else None
+        prepare = getattr(module, "prepare_train_dataloader", None)
+        return prepare(loader) if callable(prepare) else loader
 
     def val_dataloader(self) -> DataLoader:
         """The held-out split, in order."""
