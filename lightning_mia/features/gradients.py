@@ -21,28 +21,39 @@ saturated to exactly one-hot), skew and kurtosis are 0 here so that attack model
 
 How it is computed
 ------------------
-When every trainable parameter belongs to an ``nn.Linear``, an ``nn.Conv2d`` (numeric padding, zero padding mode)
-or an eval-mode BatchNorm with running statistics, each run once per forward (LeNet, ResNet, ...), all per-sample
-gradients come from one batched forward and one backward pass (as in Opacus / BackPACK): forward hooks keep each
-layer's input and output, ``autograd.grad`` of the summed loss gives the output gradients and ``dL/dx`` (on CPU,
-stride-1 convolutions back-propagate with a flipped-kernel forward convolution, 2-4x faster than oneDNN's backward
-there: ``conv_backward.py``), and the per-sample weight gradients follow per layer (convolutions: one grouped
-convolution with a group per sample; BatchNorm: ``sum(g * x_hat)`` and ``sum(g)``; linear: ``g^T a``). Otherwise
-(other parameterised layers, shared layers, or a kept tensor modified in place later in the forward) per-sample
-gradients come from ``torch.func`` (``vmap(grad(functional_call(model, ...)))``) on the model in eval mode
-(BatchNorm uses its running statistics, so samples are independent and per-sample gradients are exact), in chunks
-of ``chunk_size`` samples. Each chunk's per-sample gradients are reduced to statistics one parameter tensor at a
-time and freed (small tensors -- biases, BatchNorm vectors -- pooled into one reduction): each tensor (in
-cache-sized column blocks) contributes its count, mean, central moment sums ``M2, M3, M4``, L1 norm, sum of squares
-and min / max ``|g|``, and the pieces are merged with the pairwise update formulas of Pebay (2008) in float64,
-which are exact (no raw power sums over mixed tensors, so no cancellation). Weights of ``nn.Linear`` layers applied
-once to a flat input are not differentiated at all (``factorize=True``): their per-sample gradient is the outer
-product ``delta (x) a`` of the layer's output gradient (taken through a zero "probe" added to its output) and its
-input, whose power sums factorise, ``sum_ij (delta_i a_j)^k = (sum delta^k)(sum a^k)`` -- the statistics come
-without forming the matrix (on LeNet 97% of the weights). Peak memory is one chunk of the remaining per-sample
-weight gradients (``chunk_size x n_params`` floats, which the default ``chunk_size=None`` keeps within
-``memory_budget_mb``) plus activations, plus the statistic temporaries of one block. When only ``wrt=["input"]`` is
-asked for, one batched backward pass gives every per-sample input gradient.
+In eval mode (BatchNorm on its running statistics, no dropout) samples do not interact, so per-sample gradients
+come from one batched forward and one backward pass per chunk of ``chunk_size`` samples (as in Opacus / BackPACK;
+:mod:`~lightning_mia.features.grad_rules`): forward hooks keep each layer's input and output, ``autograd.grad`` of
+the summed loss gives the output gradients and ``dL/dx`` (on CPU, stride-1 convolutions back-propagate with a
+flipped-kernel forward convolution, 2-4x faster than oneDNN's backward there: ``conv_backward.py``), and the
+per-sample weight gradients follow per layer: ``nn.Linear`` (``g^T a``), ``nn.Conv1d/2d/3d`` (one grouped
+convolution with a group per sample), eval-mode BatchNorm, ``nn.GroupNorm``, ``nn.InstanceNorm1d/2d/3d``,
+``nn.LayerNorm`` / ``nn.RMSNorm`` (sums of ``g * x_hat`` and ``g``), ``nn.Embedding`` (each sample's output
+gradients summed per distinct token, the other rows counted as zeros without being formed) and
+``nn.MultiheadAttention`` (its projections as linear layers, the gradients at the projected queries, keys and
+values from the same backward pass). A layer without a rule -- or a parameter used outside one call of its
+layer (weight tying, a layer run twice) -- gets its per-sample gradients from ``torch.func``
+(``vmap(grad(...))``) on that one call (or the smallest call enclosing all its uses), differentiating only
+those parameters: one unknown layer does not slow down the rest. Which call uses a parameter is recorded on a
+one-sample probe forward. Only when samples interact even in eval mode (BatchNorm on batch statistics), or a
+batched pass does not match the probe (a kept tensor modified in place later in the forward, a module run a
+different number of times), do all per-sample gradients come from ``torch.func`` on the whole model
+(``vmap(grad(functional_call(model, ...)))``). Each chunk's per-sample gradients are reduced to statistics one
+parameter tensor at a time and freed (small tensors -- biases, norm vectors -- pooled into one reduction): each
+tensor (in cache-sized column blocks) contributes its count, mean, central moment sums ``M2, M3, M4``, L1 norm,
+sum of squares and min / max ``|g|``, and the pieces are merged with the pairwise update formulas of Pebay (2008)
+in float64, which are exact (no raw power sums over mixed tensors, so no cancellation). Weights of ``nn.Linear``
+layers applied once to a flat input are not formed at all (``factorize=True``): their per-sample gradient is the
+outer product ``delta (x) a`` of the layer's output gradient and its input, whose power sums factorise,
+``sum_ij (delta_i a_j)^k = (sum delta^k)(sum a^k)`` -- the statistics come without forming the matrix (on LeNet
+97% of the weights). Peak memory is one chunk of the remaining per-sample weight gradients (``chunk_size x
+n_params`` floats, which the default ``chunk_size=None`` keeps within ``memory_budget_mb``) plus activations,
+plus the statistic temporaries of one block. When only ``wrt=["input"]`` is asked for, one batched backward pass
+gives every per-sample input gradient.
+
+Inputs of any dtype work for the weight statistics: the input gets ``requires_grad`` only when input statistics
+are asked for. ``dL/dx`` needs a floating-point input: ``wrt`` containing ``"input"`` on integer inputs (token
+ids) raises a ``ValueError`` rather than silently dropping those columns.
 
 The model's parameters, their ``requires_grad`` flags and ``.grad`` fields, any optimizer state and every
 module's training flag are left as they were.
@@ -57,6 +68,7 @@ Example:
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -64,6 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_mia.features import grad_rules
 from lightning_mia.features.base import (
     FEATURES,
     Feature,
@@ -286,82 +299,40 @@ def _trainable(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
     return trainable, frozen
 
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _hook_plan(model: nn.Module, params: Dict[str, Tensor]) -> Optional[Dict[str, Tuple[str, nn.Module, str]]]:
-    """``{module_path: (kind, module, prefix)}`` when every trainable parameter belongs to a layer whose
-    per-sample gradient follows from its input and output gradient (``nn.Linear``, ``nn.Conv2d`` with numeric
-    padding and zero padding mode, eval-mode BatchNorm with running statistics); ``None`` otherwise."""
-    plan: Dict[str, Tuple[str, nn.Module, str]] = {}
-    owned = set()
+def _hook_plan(model: nn.Module, params: Dict[str, Tensor]) -> Optional[Dict[str, str]]:
+    """``{module_path: rule kind}`` of the modules whose trainable parameters have a one-backward rule
+    (:func:`grad_rules.rule_kind`; the others are differentiated per call with ``torch.func``), or ``None`` when
+    the one-backward path cannot apply: a module makes samples interact in eval mode (BatchNorm on batch
+    statistics), so that the batched pass's output gradients are not per sample."""
+    plan: Dict[str, str] = {}
     for path, mod in model.named_modules():
-        mine = [n for n, _ in mod.named_parameters(recurse=False)]
+        if grad_rules.mixes_samples(mod):
+            return None
         prefix = f"{path}." if path else ""
-        trainable = [n for n in mine if prefix + n in params]
-        if not trainable:
-            continue
-        if type(mod) is nn.Linear:
-            kind = "linear"
-        elif (type(mod) is nn.Conv2d and isinstance(mod.padding, tuple) and mod.padding_mode == "zeros"):
-            kind = "conv2d"
-        elif (type(mod) in _BATCHNORMS and not mod.training and mod.track_running_stats
-              and mod.running_mean is not None and mod.running_var is not None):
-            kind = "batchnorm"
-        else:
-            return None
-        if any(n not in ("weight", "bias") for n in trainable):
-            return None
-        for n in trainable:
-            if prefix + n in owned:  # a parameter shared between modules
-                return None
-            owned.add(prefix + n)
-        plan[path] = (kind, mod, prefix)
-    return plan if owned == set(params) else None
+        for n, _ in mod.named_parameters(recurse=False):
+            kind = grad_rules.rule_kind(mod, n) if prefix + n in params else None
+            if kind is not None:
+                plan[path] = kind
+    return plan
 
 
-_GROUPED_CHANNELS = 512
+_GROUPED_CHANNELS = grad_rules.GROUPED_CHANNELS
 
 
-def _grouped_weight_grad(mod: nn.Module, a: Tensor, g: Tensor) -> Tensor:
-    """Per-sample weight gradients of a convolution: the batch folded into the channels of one grouped
-    convolution (one group per sample and group), whose weight gradient is the stack of per-sample ones."""
-    n, w = len(g), mod.weight
-    go = g.reshape(1, n * g.shape[1], *g.shape[2:])
-    inp = a.reshape(1, n * a.shape[1], *a.shape[2:])
-    w_all = w.detach().expand(n, *w.shape).reshape(n * w.shape[0], *w.shape[1:])
-    gw = torch.ops.aten.convolution_backward(
-        go, inp, w_all, None, list(mod.stride), list(mod.padding), list(mod.dilation), False, [0, 0],
-        n * mod.groups, [False, True, False])[1]
-    return gw.reshape(n, *w.shape)
+def _zero_moments(n: int, count: int, like: Tensor) -> Moments:
+    z = torch.zeros(n, dtype=torch.float64, device=like.device)
+    return Moments(count=count, mean=z, m2=z, m3=z, m4=z, l1=z, sumsq=z, amin=z, amax=z)
 
 
-def _layer_grads(kind: str, mod: nn.Module, a: Tensor, g: Tensor, which: str) -> Tensor:
-    """Per-sample gradient ``(n, ...)`` of parameter ``which`` (``"weight"`` or ``"bias"``) of one layer from
-    its input ``a`` and
-    the gradient ``g`` of the summed loss with respect to its output (samples do not interact in eval mode,
-    so row ``b`` of ``g`` is sample ``b``'s own output gradient)."""
-    n = len(g)
-    if kind == "linear":
-        g3 = g.reshape(n, -1, g.shape[-1])
-        if which == "bias":
-            return g3.sum(dim=1)
-        return torch.bmm(g3.transpose(1, 2), a.reshape(n, -1, a.shape[-1]))
-    if kind == "conv2d":
-        # Grouped convolutions (the batching rule torch.func uses; on CPU ~3x faster than unfold + bmm, whose
-        # im2col dominates).
-        if which == "bias":
-            return g.reshape(n, g.shape[1], -1).sum(dim=2)
-        # Chunks of at most ~512 output channels in all: oneDNN picks a much slower kernel for wider grouped
-        # convolutions on CPU (ResNet-20, 64-channel layers: 17 ms for 64 samples at once, 4 ms in chunks of 8).
-        k = max(1, _GROUPED_CHANNELS // mod.weight.shape[0])
-        return torch.cat([_grouped_weight_grad(mod, a[i:i + k], g[i:i + k]) for i in range(0, n, k)])
-    # BatchNorm with running statistics: y = x_hat * w + b, x_hat = (x - mean) / sqrt(var + eps).
-    shape = (1, -1) + (1,) * (a.dim() - 2)
-    xhat = (a - mod.running_mean.reshape(shape)) * torch.rsqrt(mod.running_var.reshape(shape) + mod.eps)
-    dims = tuple(range(2, a.dim()))
-    out = g * xhat if which == "weight" else g
-    return out.sum(dim=dims) if dims else out
+def _add_grad(pooled: "_Pooled", g: grad_rules.Grad) -> None:
+    """Add one parameter's per-sample gradient, in whichever form its rule gave it, to ``pooled``."""
+    if isinstance(g, grad_rules.Outer):
+        pooled.add_moments(_outer_moments(g.delta, g.act))
+    elif isinstance(g, grad_rules.Compact):
+        m = moments(g.values)
+        pooled.add_moments(merge_moments(m, _zero_moments(len(g.values), g.zeros, g.values)) if g.zeros else m)
+    else:
+        pooled.add(g)
 
 
 @FEATURES.register("gradient_norms")
@@ -373,7 +344,8 @@ class GradientNorms(Feature):
     follow the global weight statistics (``w[conv1.weight]_l1`` ...).
 
     Args:
-        wrt: ``"weights"``, ``"input"`` or both (default both).
+        wrt: ``"weights"``, ``"input"`` or both (default both). ``"input"`` needs a floating-point input
+            (``ValueError`` otherwise); ``wrt="weights"`` works on any input, e.g. token ids.
         per_layer: add the statistics of each trainable parameter tensor separately.
         chunk_size: samples per ``vmap`` call; ``None`` sizes it from the parameter count so that a chunk's
             per-sample weight gradients fit in ``memory_budget_mb``.
@@ -387,6 +359,9 @@ class GradientNorms(Feature):
         >>> feat = GradientNorms(wrt="input")
         >>> feat.extract(torch.nn.Linear(4, 2), torch.randn(3, 4), torch.tensor([0, 1, 0])).shape
         torch.Size([3, 7])
+        >>> text = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+        >>> GradientNorms(wrt="weights").extract(text, torch.tensor([[1, 2], [3, 3]]), torch.tensor([0, 1])).shape
+        torch.Size([2, 7])
     """
 
     name = "gradient_norms"
@@ -425,6 +400,10 @@ class GradientNorms(Feature):
         return max(1, int(budget // max(1, n_params * _BYTES_PER_PARAM)))
 
     def extract(self, model: nn.Module, x: Tensor, y: Tensor, logits: Optional[Tensor] = None) -> Tensor:
+        if "input" in self.wrt and not x.is_floating_point():
+            raise ValueError(
+                f"gradient_norms with wrt containing 'input' needs a floating-point tensor input (dL/dx of "
+                f"a {x.dtype} input, e.g. token ids, is not defined); use wrt='weights' for such models")
         with eval_mode(model), autograd_on():
             x = autograd_input(x)
             y = autograd_input(as_long_labels(y, len(x), x.device))
@@ -455,12 +434,8 @@ class GradientNorms(Feature):
         if not params:
             raise ValueError("gradient_norms with wrt='weights' needs a model with trainable parameters")
         self._param_names = list(params)
-        plan = _hook_plan(model, params)
-        if plan is not None:
-            # Autograd gives only input and layer-output gradients here: convolutions may back-propagate with
-            # the faster flipped-kernel convolution (conv_backward.py).
-            with fast_conv_input_grad(model):
-                out = self._with_hooks(model, x, y, params, plan)
+        if _hook_plan(model, params) is not None:
+            out = self._with_hooks(model, x, y)
             if out is not None:
                 return out
         buffers = dict(model.named_buffers())
@@ -485,15 +460,22 @@ class GradientNorms(Feature):
             out = functional_call(model, (p, consts, buffers), (xi.unsqueeze(0),))
             return F.cross_entropy(out, yi.unsqueeze(0)), current["inputs"]
 
-        per_sample = vmap(grad(loss_fn, argnums=(0, 1, 2), has_aux=True), in_dims=(None, 0, None, 0))
+        # The input is differentiated only when its statistics are asked for (token ids cannot be).
+        argnums = (0, 1, 2) if want_x else (0, 2)
+        per_sample = vmap(grad(loss_fn, argnums=argnums, has_aux=True), in_dims=(None, 0, None, 0))
         n_params = sum(p.numel() for p in diff_params.values())
         w_stats, x_stats, layer_stats = [], [], []
         handles = [mod.register_forward_hook(make_hook(path)) for path, (_, mod) in factored.items()]
         try:
             for sl in iter_chunks(len(x), self.auto_chunk_size(n_params)):
-                (gw, gx, gprobe), acts = per_sample(diff_params, x[sl], probes, y[sl])
+                with warnings.catch_warnings():
+                    # vmap without a batching rule (e.g. CPU flash attention) loops over samples: exact, slower.
+                    warnings.filterwarnings("ignore", message=".*There is a performance drop.*")
+                    grads, acts = per_sample(diff_params, x[sl], probes, y[sl])
+                (gw, gx, gprobe) = grads if want_x else (grads[0], None, grads[1])
+                m = sl.stop - sl.start
                 factored_moments = {
-                    w: _outer_moments(gprobe[path].reshape(len(gx), -1), acts[path].reshape(len(gx), -1))
+                    w: _outer_moments(gprobe[path].reshape(m, -1), acts[path].reshape(m, -1))
                     for path, (w, _) in factored.items()
                 }
                 del gprobe, acts
@@ -514,69 +496,41 @@ class GradientNorms(Feature):
                 h.remove()
         return self._assemble(w_stats, x_stats, layer_stats, want_x)
 
-    def _with_hooks(self, model: nn.Module, x: Tensor, y: Tensor, params: Dict[str, Tensor],
-                    plan: Dict[str, Tuple[str, nn.Module, str]]) -> Optional[Dict[str, object]]:
-        """All per-sample gradients from one batched forward and backward pass (as Opacus / BackPACK do):
-        forward hooks keep each layer's input and output, one ``autograd.grad`` of the summed loss gives the
-        output gradients (and ``dL/dx``), and each layer's per-sample weight gradient follows from the two
-        (:func:`_layer_grads`) -- about the cost of one plain forward + backward. ``None`` (the caller falls
-        back to ``vmap``) when a layer runs other than once, or a kept tensor was modified in place."""
+    def _with_hooks(self, model: nn.Module, x: Tensor, y: Tensor) -> Optional[Dict[str, object]]:
+        """All per-sample gradients from one batched forward and backward pass per chunk
+        (:mod:`~lightning_mia.features.grad_rules`): a one-sample probe assigns each parameter to a rule or
+        to a ``torch.func`` replay of the one layer call using it, one ``autograd.grad`` of the summed loss
+        gives the layers' output gradients (and ``dL/dx``), and the per-sample gradients follow layer by layer,
+        each reduced to statistics and freed before the next. ``None`` (the caller falls back to ``vmap`` over
+        the whole model) when a chunk's pass does not match the probe."""
         want_x = "input" in self.wrt
-        owner = {}
-        for path, (kind, mod, prefix) in plan.items():
-            for n, _ in mod.named_parameters(recurse=False):
-                if prefix + n in params:
-                    owner[prefix + n] = (path, n)
-        # Weights of flat-input linear layers are summarised from their factors without being formed.
-        big = sum(params[p].numel() for p, (path, n) in owner.items()
-                  if not (self.factorize and plan[path][0] == "linear" and n == "weight"))
-        seen: Dict[str, List[Tuple[Tensor, Tensor, Tuple[int, int]]]] = {}
-
-        def make_hook(path: str):
-            def hook(mod: nn.Module, args: Tuple[Tensor, ...], out: Tensor) -> None:
-                # Versions at capture: an in-place op later in the forward (ReLU(inplace=True)) bumps them.
-                ok = isinstance(args[0], Tensor) and isinstance(out, Tensor)
-                seen.setdefault(path, []).append(
-                    (args[0], out, (args[0]._version, out._version) if ok else (-1, -1)))
-            return hook
-
-        handles = [mod.register_forward_hook(make_hook(path)) for path, (_, mod, _) in plan.items()]
+        plan = grad_rules.make_plan(model, x[:1], factorize=self.factorize)
+        if plan is None:
+            return None
+        named = dict(model.named_parameters())
+        big = sum(plan.sizes.values())
         w_stats, x_stats, layer_stats = [], [], []
-        try:
-            for sl in iter_chunks(len(x), self.auto_chunk_size(big)):
-                seen.clear()
-                xc = x[sl].clone().requires_grad_(True)
-                loss = F.cross_entropy(model(xc), y[sl], reduction="sum")
-                if any(len(seen.get(path, ())) != 1 for path in plan):
-                    return None
-                kept = [seen[path][0] for path in plan]
-                if any(v[0] < 0 or not o.requires_grad or (a._version, o._version) != v for a, o, v in kept):
-                    return None
-                outs = [o for _, o, _ in kept]
-                grads = torch.autograd.grad(loss, [xc] + outs)
-                gx = grads[0]
-                gouts = dict(zip(plan, grads[1:]))
-                acts = {path: seen[path][0][0].detach() for path in plan}
-                seen.clear()
-                del loss, kept, outs
-                pooled = _Pooled(self.per_layer)
-                for name in self._param_names:
-                    path, pname = owner[name]
-                    kind, mod, _ = plan[path]
-                    g, a = gouts[path], acts[path]
-                    if self.factorize and kind == "linear" and pname == "weight" and a.dim() == 2:
-                        pooled.add_moments(_outer_moments(g, a))
-                    else:
-                        pooled.add(_layer_grads(kind, mod, a, g, pname))
-                w, per_layer = pooled.result()
-                w_stats.append(w)
-                layer_stats.append(per_layer)
-                if want_x:
-                    x_stats.append(gradient_statistics(gx))
-                del gx, gouts, acts
-        finally:
-            for h in handles:
-                h.remove()
+        for sl in iter_chunks(len(x), self.auto_chunk_size(big)):
+            yc = y[sl]
+            # Autograd gives only input and layer-output gradients here: convolutions may back-propagate with
+            # the faster flipped-kernel convolution (conv_backward.py). Per-sample gradients are computed after
+            # the block (lazily, by ChunkGrads), on the layers as they are.
+            with fast_conv_input_grad(model):
+                res = grad_rules.batched_pass(
+                    model, plan, x[sl], lambda out: F.cross_entropy(out, yc, reduction="sum"), want_x=want_x,
+                    factorize=self.factorize, grouped_channels=_GROUPED_CHANNELS)
+            if res is None:
+                return None
+            gx, grads = res
+            pooled = _Pooled(self.per_layer)
+            for name in self._param_names:
+                _add_grad(pooled, grads.pop(name, like=named[name]))
+            w, per_layer = pooled.result()
+            w_stats.append(w)
+            layer_stats.append(per_layer)
+            if want_x:
+                x_stats.append(gradient_statistics(gx))
+            del gx, grads
         return self._assemble(w_stats, x_stats, layer_stats, want_x)
 
     def _assemble(self, w_stats: List[Tensor], x_stats: List[Tensor], layer_stats: List[List[Tensor]],
