@@ -30,6 +30,10 @@ from lightning_mia.registry import Spec, SpecLike
 __all__ = ["AuditResult", "Auditor", "audit_arrays", "run_attacks", "target_metrics"]
 
 Pair = Tuple[str, str]
+#: The feature name of reference-model attack rows (they read the reference models, not a feature).
+REFERENCE_FEATURE = "reference"
+#: ``MembershipData.source`` of the one-run audit's canaries (``is_member`` = the canary's coin).
+CANARY_SOURCE = -2
 
 
 @dataclass
@@ -151,7 +155,9 @@ class Auditor:
         reference_epoch: see ``calibrate``.
         ood_sources: names of the OOD sources, in the order of ``MembershipData.source`` 1, 2, ...
         n_jobs: threads fitting the feature/attack pairs.
-        seed: seeds the OOD probe's attack fits.
+        seed: seeds the OOD probe's and the canaries' attack fits.
+        canary_guesses: "in" and "out" guesses each of the one-run audit on the canaries (rows with
+            ``source == CANARY_SOURCE``; default a tenth of the canaries each, abstaining on the rest).
 
     Example:
         >>> import numpy as np
@@ -177,8 +183,14 @@ class Auditor:
         ood_sources: Sequence[str] = (),
         n_jobs: int = 1,
         seed: int = 0,
+        canary_guesses: Optional[int] = None,
     ) -> None:
-        self.features, self.attacks = list(features), list(attacks)
+        from lightning_mia.attacks import ATTACKS
+
+        self.features = list(features)
+        #: attacks fitted on feature rows under the protocol, and attacks scored from reference models
+        self.attacks = [a for a in attacks if not getattr(ATTACKS[a.name], "requires_references", False)]
+        self.reference_attacks = [a for a in attacks if getattr(ATTACKS[a.name], "requires_references", False)]
         self.protocol = protocol
         tags = [f.tag for f in self.features]
         unknown = [t for t in calibrate if t not in tags]
@@ -186,8 +198,11 @@ class Auditor:
             raise ValueError(f"calibrate names features that are not monitored: {unknown}; monitored: {tags}")
         self.calibrate, self.reference_epoch = list(calibrate), int(reference_epoch)
         self.ood_sources, self.n_jobs, self.seed = list(ood_sources), int(n_jobs), int(seed)
+        self.canary_guesses = canary_guesses
         self.kinds = {f.tag: f.name for f in self.features}
         self.kinds.update({f"{t}_calibrated": self.kinds[t] for t in self.calibrate})
+        #: per-sample histories of the ``trajectory`` features, by tag
+        self.trajectories: Dict[str, Any] = {}
         #: the calibration reference: ``{"epoch": e, tag: [values...]}`` (plain lists: checkpoint-safe)
         self.reference: Optional[Dict[str, Any]] = None
 
@@ -199,21 +214,27 @@ class Auditor:
 
     # -- state (the calibration reference) ----------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        return {"reference": self.reference}
+        return {"reference": self.reference, "trajectories": {t: s.state_dict() for t, s in self.trajectories.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         ref = state.get("reference")
         if ref is not None:  # older checkpoints held numpy arrays: store plain lists from now on
             ref = {k: (v if k == "epoch" else np.asarray(v, np.float64).tolist()) for k, v in dict(ref).items()}
         self.reference = ref
+        from lightning_mia.features.trajectory import TrajectoryState
+
+        self.trajectories = {t: TrajectoryState.from_state(s) for t, s in dict(state.get("trajectories") or {}).items()}
 
     # -- the audit ----------------------------------------------------------------------------------------
     def audit(self, data: MembershipData, epoch: Optional[int] = None,
-              feature_objs: Optional[Mapping[str, Any]] = None) -> AuditResult:
+              feature_objs: Optional[Mapping[str, Any]] = None, references: Optional[Any] = None,
+              target_extra: Optional[Mapping[str, float]] = None) -> AuditResult:
         """Audit ``data`` (pool with ``source == 0``, OOD sources ``1, 2, ...``).
 
         ``feature_objs`` are the Feature objects that extracted ``data`` (their ``fit_postprocess`` is used);
-        default: fresh ones from the specs.
+        default: fresh ones from the specs. ``references`` (:class:`~lightning_mia.attacks.ReferenceSignals`, in
+        the order of the pool) feeds the reference-model attacks, whose rows carry the feature name ``reference``.
+        ``target_extra`` adds target-model columns (e.g. the DP accountant's ``dp_epsilon``).
         """
         objs = dict(feature_objs) if feature_objs is not None else self.build_features()
         pool = data.pool()
@@ -221,14 +242,93 @@ class Auditor:
             tag: objs[tag].fit_postprocess(pool.features[tag]) if tag in objs else _identity
             for tag in pool.features}
         feats = {tag: np.asarray(transforms[tag](X), np.float64) for tag, X in pool.features.items()}
+        feats.update(self._trajectories(feats, pool.label, epoch))
         feats.update(self._calibrated(feats, epoch))
         pool = pool.with_features(feats)
         target = target_metrics(pool.is_member, pool.correct, pool.loss)
+        if references is not None:
+            target["reference_train_acc"], target["reference_test_acc"] = references.accuracies()
+        target.update(dict(target_extra or {}))
         result = run_attacks(pool, self.attacks, self.protocol, epoch=epoch, n_jobs=self.n_jobs, kinds=self.kinds,
                              extra_columns=target)
         result.target = target
+        self._attack_references(pool, references, result, epoch)
         self._attack_ood(data, transforms, result, epoch)
+        self._attack_canaries(data, transforms, result, epoch)
         return result
+
+    def _attack_canaries(self, data: MembershipData, transforms: Mapping[str, Callable], result: AuditResult,
+                         epoch: Optional[int]) -> None:
+        """The one-run audit (Steinke, Nasr & Jagielski 2023): each attack, fitted on the whole audit pool, scores
+        the canaries (each trained on by a fair coin); guessing "in" for the highest scores and "out" for the
+        lowest, the number of right guesses bounds epsilon: ``canaries`` rows with ``epsilon_one_run``."""
+        can = data.source == CANARY_SOURCE
+        if not can.any():
+            return
+        from lightning_mia.bounds import one_run_audit
+        from lightning_mia.ood import ood_far
+
+        pool, included = data.source == 0, data.is_member[can]
+        m = int(can.sum())
+        k = self.canary_guesses if self.canary_guesses is not None else max(1, m // 10)
+        k = min(int(k), m // 2)
+        balance = getattr(self.protocol, "balance", "undersample")
+        conf, delta = getattr(self.protocol, "confidence", 0.95), getattr(self.protocol, "delta", 0.0)
+        for tag in data.features:
+            X_pool, X_can = transforms[tag](data.features[tag][pool]), transforms[tag](data.features[tag][can])
+            for attack in self.attacks:
+                if (tag, attack.tag) not in result.scores:
+                    continue
+                _, scores, _, _ = ood_far(X_pool, data.is_member[pool], X_can, {"name": attack.name,
+                                                                                **attack.options}, balance, self.seed)
+                ok = np.isfinite(scores)
+                audit = one_run_audit(scores[ok], included[ok], min(k, int(ok.sum()) // 2),
+                                      min(k, int(ok.sum()) // 2), delta=delta, confidence=conf)
+                from lightning_mia.metrics import score_metrics
+
+                result.rows.append({"epoch": epoch, "feature": tag, "attack": attack.tag, "slice": "canaries",
+                                    "n_members": int(included.sum()), "n_nonmembers": int((~included).sum()),
+                                    "repeats": 1, "epsilon_one_run": audit["epsilon"],
+                                    "canary_guesses": audit["guesses_made"], "canary_correct": audit["guesses_correct"],
+                                    "auc": score_metrics(included[ok], scores[ok])["auc"], **result.target})
+
+    def _attack_references(self, pool: MembershipData, references: Optional[Any], result: AuditResult,
+                           epoch: Optional[int]) -> None:
+        """Score the reference-model attacks on every pool sample (no fitting) and evaluate them per slice."""
+        if not self.reference_attacks:
+            return
+        if references is None:
+            result.skipped += [(REFERENCE_FEATURE, a.tag, "needs reference models") for a in self.reference_attacks]
+            return
+        from lightning_mia.attacks import ATTACKS
+        from lightning_mia.attacks.protocol import evaluate_scores
+
+        for spec in self.reference_attacks:
+            scores, decision = ATTACKS.build(spec).score_references(references)
+            pr = evaluate_scores(scores, decision, pool.is_member, pool.correct, self.protocol.slices,
+                                 getattr(self.protocol, "confidence", 0.95), getattr(self.protocol, "delta", 0.0))
+            result.scores[(REFERENCE_FEATURE, spec.tag)] = pr.scores
+            result.folds[(REFERENCE_FEATURE, spec.tag)] = pr.fold
+            result.rows += [{"epoch": epoch, "feature": REFERENCE_FEATURE, "attack": spec.tag, **r,
+                             "n_dropped": int((~np.isfinite(scores)).sum()), **result.target} for r in pr.rows]
+
+    def _trajectories(self, feats: Dict[str, np.ndarray], labels: np.ndarray, epoch: Optional[int]
+                      ) -> Dict[str, np.ndarray]:
+        """Replace each ``trajectory`` feature's current value by its history ``(n, T)`` and add ``{tag}_drop``."""
+        from lightning_mia.features.trajectory import TrajectoryState
+
+        out = {}
+        for spec in self.features:
+            if spec.name != "trajectory":
+                continue
+            if spec.tag not in self.trajectories:
+                sign = 1.0 if spec.options.get("signal", "loss") == "loss" else -1.0
+                self.trajectories[spec.tag] = TrajectoryState(int(spec.options.get("history", 10)), sign)
+            state = self.trajectories[spec.tag]
+            out[spec.tag] = state.update(-1 if epoch is None else epoch, feats[spec.tag][:, 0])
+            out[f"{spec.tag}_drop"] = state.drop(labels)[:, None]
+            self.kinds[f"{spec.tag}_drop"] = "trajectory"
+        return out
 
     def _calibrated(self, feats: Mapping[str, np.ndarray], epoch: Optional[int]) -> Dict[str, np.ndarray]:
         """Difficulty-calibrated copies ``{tag}_calibrated`` = value now - value at the reference epoch.

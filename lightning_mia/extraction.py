@@ -5,7 +5,7 @@ Used by the monitor on each rank's shard; plain torch, usable outside Lightning.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,10 +45,13 @@ def extract_pass(
     is_member: bool = False,
     source: int = 0,
     forward: Optional[Callable[..., torch.Tensor]] = None,
+    keep_logits: bool = False,
 ) -> MembershipData:
     """Run ``model`` (eval mode; each submodule's mode restored afterwards) over ``dataset[positions]``.
 
-    ``is_member`` and ``source`` (0 = the audit pool, k = the k-th OOD source) label every returned sample.
+    ``is_member`` and ``source`` (0 = the audit pool, k = the k-th OOD source, -1 = population samples of the
+    reference-model attacks) label every returned sample; ``keep_logits`` keeps the target's logits in
+    ``extra["logits"]`` (the reference-model attacks read them).
     """
     positions = np.asarray(positions, dtype=np.int64)
     if len(positions):
@@ -59,4 +62,36 @@ def extract_pass(
     n = len(positions)
     return MembershipData(features={tag: a[f"feat:{tag}"] for tag in features}, is_member=np.full(n, is_member),
                           correct=a["correct"], label=a["label"], loss=a["loss"], pred=a["pred"], index=a["index"],
-                          position=positions, source=np.full(n, source))
+                          position=positions, source=np.full(n, source),
+                          extra={"logits": a["logits"]} if keep_logits else {})
+
+
+def extract_sharded(model: torch.nn.Module, sources: Sequence[Tuple[bool, Any, np.ndarray, str, int]],
+                    features: Mapping[str, Any], rank: int = 0, world: int = 1, batch_size: int = 512,
+                    verbose: bool = True, keep_logits: bool = False) -> MembershipData:
+    """One pass over every source ``(is_member, dataset, positions, where, source)``: this rank takes the
+    disjoint shard ``positions[rank::world]`` of each (no padding, no duplicates), and under an initialised
+    process group the shards are gathered, so every rank returns the whole, ordered :class:`MembershipData`.
+    A progress bar shows on rank zero for gradient features or large pools."""
+    slow = any(getattr(f, "requires_grad", False) for f in features.values())
+    total = sum((len(pos) + world - 1) // world for _, _, pos, _, _ in sources)
+    bar = None
+    if verbose and rank == 0 and (slow or total > 20000):
+        from lightning_mia.report.console import progress_bar
+
+        bar = progress_bar(total, "MIA features")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        parts = [extract_pass(model, ds, np.asarray(positions)[rank::world], features, batch_size=batch_size,
+                              device=device, progress=bar.update if bar else None, where=where,
+                              is_member=is_member, source=source, keep_logits=keep_logits)
+                 for is_member, ds, positions, where, source in sources]
+    finally:
+        if bar is not None:
+            bar.close()
+    local = MembershipData.concat(parts)
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: List[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, local)
+        local = MembershipData.concat(gathered)
+    return local

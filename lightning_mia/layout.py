@@ -6,6 +6,7 @@ tests all ask this module. A run directory (the logger's ``log_dir``) holds::
     mia/audit.json                    the audit pool (member / non-member positions and indices, seed)
     mia/history.csv                   one row per (epoch, feature, attack, slice), see HISTORY_COLUMNS
     mia/predictions/epoch_NNNN.npz    per-sample scores of an audited epoch (save_predictions)
+    mia/exposed/epoch_NNNN.csv|png    the most exposed members and false alarms of an audited epoch
     mia/early_stopping.json           EarlyStoppingComparison's record of the validation metric
     mia/early_stopping.csv            the comparison table written by the report
     mia/report.md, mia/figures/*.png  the report
@@ -31,6 +32,7 @@ MIA_DIR = "mia"
 AUDIT_JSON = "audit.json"
 HISTORY_CSV = "history.csv"
 PREDICTIONS_DIR = "predictions"
+EXPOSED_DIR = "exposed"
 EARLY_STOPPING_JSON = "early_stopping.json"
 EARLY_STOPPING_CSV = "early_stopping.csv"
 REPORT_MD = "report.md"
@@ -97,6 +99,10 @@ class RunLayout:
     def predictions(self, epoch: int) -> str:
         return os.path.join(self.predictions_dir, f"epoch_{int(epoch):04d}.npz")
 
+    def exposed(self, epoch: int, ext: str = "csv") -> str:
+        """``exposed/epoch_NNNN.csv`` (the most exposed samples) and ``.png`` (their picture)."""
+        return os.path.join(self._p(EXPOSED_DIR), f"epoch_{int(epoch):04d}.{ext}")
+
     def prediction_files(self) -> Dict[int, str]:
         """``{epoch: path}`` of the predictions files present, sorted by epoch."""
         out = {}
@@ -144,6 +150,14 @@ def target_tag(name: str) -> str:
 
 def early_stopping_text_tag(feature: str, attack: str) -> str:
     return f"mia/{feature}/{attack}/early_stopping"
+
+
+def exposed_tag(feature: str, attack: str) -> str:
+    return f"mia_exposed/{feature}/{attack}"
+
+
+def roc_tag(slice_: str) -> str:
+    return f"mia_roc/{slice_}"
 
 
 def figure_tag(name: str) -> str:

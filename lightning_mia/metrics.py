@@ -59,16 +59,20 @@ BINARY_METRIC_KEYS = (
     "f1_nonmember",
     "advantage",
 )
-#: Metrics computed from continuous scores (threshold-free).
-SCORE_METRIC_KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")
+# FPR budgets of the low-FPR operating points (Carlini et al., "Membership Inference Attacks From First
+# Principles", 2022, report TPR at 1%, 0.1% and 0.001% FPR; we stop at 0.01%, already 10,000 non-members).
+LOW_FPR = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001, "tpr_at_0.01pct_fpr": 0.0001}
+#: 95% Clopper-Pearson interval of each low-FPR TPR (over the members behind it).
+INTERVAL_KEYS = tuple(f"{k}_{side}" for k in LOW_FPR for side in ("lo", "hi"))
+#: Metrics computed from continuous scores (threshold-free): AUC, TPR at low FPR with intervals, and the
+#: empirical epsilon lower bound (:func:`lightning_mia.bounds.epsilon_lower_bound`).
+SCORE_METRIC_KEYS = ("auc",) + tuple(LOW_FPR) + INTERVAL_KEYS + ("epsilon_lb",)
+#: Most thresholds the epsilon bound is maximised over (score quantiles beyond that; see :func:`score_metrics`).
+EPSILON_THRESHOLDS = 256
 #: Every metric name (rates in [0, 1], advantage in [-1, 1]); counts are in :data:`COUNT_KEYS`.
 METRIC_KEYS = BINARY_METRIC_KEYS + SCORE_METRIC_KEYS
 #: Count columns returned next to the metrics.
 COUNT_KEYS = ("n_members", "n_nonmembers")
-
-# FPR budgets of the low-FPR operating points (Carlini et al., "Membership Inference Attacks From First
-# Principles", 2022, report TPR at 1% and 0.1% FPR).
-_LOW_FPR = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001}
 
 
 def _ratio(num: float, den: float) -> float:
@@ -194,27 +198,51 @@ def _auc_mann_whitney(y: np.ndarray, s: np.ndarray) -> float:
     return float((ranks[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
 
 
-def score_metrics(y_true, scores) -> Dict[str, float]:
-    """Threshold-free metrics of attack scores: ``auc``, ``tpr_at_1pct_fpr``, ``tpr_at_0.1pct_fpr``.
+def score_metrics(y_true, scores, confidence: float = 0.95, delta: float = 0.0) -> Dict[str, float]:
+    """Threshold-free metrics of attack scores (:data:`SCORE_METRIC_KEYS`).
+
+    - ``auc``;
+    - ``tpr_at_{1,0.1,0.01}pct_fpr``: the largest TPR at FPR <= the budget, NaN when the budget is finer than
+      1 / n_nonmembers (the only admissible point would be FPR 0, which says nothing about the budget), with
+      ``_lo`` / ``_hi``: the two-sided ``confidence`` Clopper-Pearson interval over the ``n_members`` members;
+    - ``epsilon_lb``: the empirical epsilon lower bound at ``confidence`` and ``delta``
+      (:func:`lightning_mia.bounds.epsilon_lower_bound` over at most :data:`EPSILON_THRESHOLDS` score quantiles;
+      0 when nothing can be certified, NaN when the pool is too small to ever certify anything).
 
     NaN when the slice lacks members or non-members, or when any score is NaN (+-inf are valid,
     orderable scores).
     """
+    from lightning_mia.bounds import clopper_pearson, epsilon_lower_bound
+
     checked = _scored(y_true, scores)
     if checked is None:
         return {k: float("nan") for k in SCORE_METRIC_KEYS}
-    y, s, _, _ = checked
+    y, s, pos, neg = checked
     out = {"auc": _auc_mann_whitney(y, s)}
     fpr, tpr = roc_points(y, s)
-    for key, alpha in _LOW_FPR.items():
+    for key, alpha in LOW_FPR.items():
+        if alpha < 1.0 / neg:
+            out[key] = out[f"{key}_lo"] = out[f"{key}_hi"] = float("nan")
+            continue
         out[key] = float(tpr[fpr <= alpha].max())
+        lo, hi = clopper_pearson(int(round(out[key] * pos)), pos, confidence)
+        out[f"{key}_lo"], out[f"{key}_hi"] = float(lo), float(hi)
+    # the bound depends on the score order only: ranks keep ties and make +-inf scores finite; above
+    # EPSILON_THRESHOLDS distinct scores the maximum is taken over that many score quantiles (a valid, slightly
+    # smaller bound at a fraction of the cost: every threshold needs four beta quantiles)
+    ranks = np.unique(s, return_inverse=True)[1].astype(np.float64)
+    n_distinct = ranks.max() + 1
+    if n_distinct > EPSILON_THRESHOLDS:
+        ranks = np.floor(ranks * EPSILON_THRESHOLDS / n_distinct)
+    out["epsilon_lb"] = float(epsilon_lower_bound(y, ranks, confidence=confidence, delta=delta)["epsilon"])
     return out
 
 
-def attack_metrics(y_true, scores, y_pred) -> Dict[str, float]:
-    """:func:`binary_metrics` of ``y_pred`` merged with :func:`score_metrics` of ``scores``."""
+def attack_metrics(y_true, scores, y_pred, confidence: float = 0.95, delta: float = 0.0) -> Dict[str, float]:
+    """:func:`binary_metrics` of ``y_pred`` merged with :func:`score_metrics` of ``scores`` (``confidence`` and
+    ``delta`` of the intervals and the epsilon bound)."""
     out = binary_metrics(y_true, y_pred)
-    out.update(score_metrics(y_true, scores))
+    out.update(score_metrics(y_true, scores, confidence, delta))
     return out
 
 

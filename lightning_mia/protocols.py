@@ -108,6 +108,10 @@ class StandardProtocol(AttackProtocol):
         per_class: fit one attack per true class.
         eval_ratios: also score each attack with the evaluation set resampled to these member:non-member ratios.
         seed: seeds every split and attack; ``None`` = the monitor's ``seed``.
+        folds: k-fold cross-fitting instead of the ``eval_fraction`` hold-out: every pool sample is scored by an
+            attack not fitted on it, so TPR at low FPR uses every non-member (``None``: hold-out splits).
+        confidence: of the 95% intervals of TPR at low FPR and of the empirical epsilon lower bound.
+        delta: the delta of the epsilon lower bound (``eps >= log((TPR - delta) / FPR)``).
 
     Example:
         >>> StandardProtocol(repeats=5).slices
@@ -126,6 +130,9 @@ class StandardProtocol(AttackProtocol):
         per_class: bool = False,
         eval_ratios: Sequence[float] = (),
         seed: Optional[int] = None,
+        folds: Optional[int] = None,
+        confidence: float = 0.95,
+        delta: float = 0.0,
     ) -> None:
         slices, ratios = check_split_options(eval_fraction, repeats, slices, eval_ratios)
         self.repeats, self.eval_fraction = int(repeats), float(eval_fraction)
@@ -135,6 +142,8 @@ class StandardProtocol(AttackProtocol):
         self.per_class = check_bool("per_class", per_class)
         self.eval_ratios = list(ratios)
         self.seed = None if seed is None else check_int("seed", seed, 0)
+        self.folds = check_int("folds", folds, 2, allow_none=True)
+        self.confidence, self.delta = check_bound_options(confidence, delta)
         self._freeze()
 
     def evaluate(self, data: MembershipData, feature: str, attack: Spec, kind: Optional[str] = None) -> Any:
@@ -144,6 +153,15 @@ class StandardProtocol(AttackProtocol):
         opts["seed"] = 0 if opts["seed"] is None else opts["seed"]
         return evaluate(data.features[feature], data.is_member, data.correct, data.label,
                         {"name": attack.name, **attack.options}, **opts)
+
+
+def check_bound_options(confidence: Any, delta: Any) -> Tuple[float, float]:
+    """``confidence`` in (0, 1) and ``delta`` in [0, 1), as floats."""
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 <= delta < 1:
+        raise ValueError(f"delta must be a number in [0, 1), got {delta!r}")
+    return float(confidence), float(delta)
 
 
 class PaperProtocol(AttackProtocol):

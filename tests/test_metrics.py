@@ -9,6 +9,7 @@ from lightning_mia.metrics import (
     BINARY_METRIC_KEYS,
     METRIC_KEYS,
     SCORE_METRIC_KEYS,
+    INTERVAL_KEYS,
     attack_metrics,
     binary_metrics,
     mean_std,
@@ -49,20 +50,22 @@ def _sk_binary(y, p):
 
 def _sk_scores(y, s):
     if not (y.any() and (~y).any()):
-        return {k: np.nan for k in SCORE_METRIC_KEYS}
+        return {k: np.nan for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "tpr_at_0.01pct_fpr")}
     fpr, tpr, _ = skm.roc_curve(y, s, drop_intermediate=False)
-    return {
-        "auc": skm.roc_auc_score(y, s),
-        "tpr_at_1pct_fpr": tpr[fpr <= 0.01].max(),
-        "tpr_at_0.1pct_fpr": tpr[fpr <= 0.001].max(),
-    }
+    n_non = int((~y).sum())
+    # an FPR budget finer than 1 / n_nonmembers cannot be resolved: NaN, not the TPR at FPR 0
+    low = {k: tpr[fpr <= a].max() if a >= 1 / n_non else np.nan
+           for k, a in (("tpr_at_1pct_fpr", 0.01), ("tpr_at_0.1pct_fpr", 0.001), ("tpr_at_0.01pct_fpr", 1e-4))}
+    return {"auc": skm.roc_auc_score(y, s), **low}
 
 
 def _check_against_sklearn(y, s, p):
     ours = attack_metrics(y, s, p)
     ref = {**_sk_binary(y, p), **_sk_scores(y, s)}
     assert set(METRIC_KEYS) <= set(ours)
-    for k in METRIC_KEYS:
+    # intervals and the epsilon bound have their own references (scipy.stats.beta) below
+    assert set(METRIC_KEYS) - set(ref) == set(INTERVAL_KEYS) | {"epsilon_lb"}
+    for k in ref:
         assert _nan_eq(ours[k], float(ref[k])), (k, ours[k], ref[k])
     assert ours["n_members"] == int(y.sum())
     assert ours["n_nonmembers"] == int((~y).sum())
@@ -97,7 +100,7 @@ def test_adversarial_inputs_match_sklearn(y, s, p):
     if np.isinf(s).any():
         ours = score_metrics(y, s)
         finite = score_metrics(y, np.clip(s, -1e300, 1e300))
-        assert ours == finite
+        assert ours.keys() == finite.keys() and all(_nan_eq(ours[k], finite[k]) for k in ours)
         assert ours["auc"] == skm.roc_auc_score(y, np.clip(s, -1e300, 1e300)) == 0.0
     else:
         _check_against_sklearn(y, s, p)
@@ -157,10 +160,45 @@ def test_tpr_at_low_fpr_is_interpolation_free():
 
 
 def test_constant_scores_give_auc_half_and_zero_low_fpr_tpr():
-    y = np.array([1, 0, 1, 0, 1], bool)
-    m = score_metrics(y, np.full(5, 0.3))
-    assert m["auc"] == 0.5 == skm.roc_auc_score(y, np.full(5, 0.3))
+    y = np.r_[np.ones(50, bool), np.zeros(100, bool)]
+    m = score_metrics(y, np.full(150, 0.3))
+    assert m["auc"] == 0.5 == skm.roc_auc_score(y, np.full(150, 0.3))
     assert m["tpr_at_1pct_fpr"] == 0.0  # only (0,0) and (1,1) on the ROC
+    assert math.isnan(m["tpr_at_0.1pct_fpr"])  # 0.1% of 100 non-members cannot be resolved
+    assert m["epsilon_lb"] == 0.0
+
+
+def test_low_fpr_intervals_and_epsilon_match_independent_references():
+    """Clopper-Pearson interval from scipy.stats.beta; the epsilon bound from the TF Privacy form by hand."""
+    from scipy.stats import beta
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(300, bool), np.zeros(500, bool)]
+    s = np.round(rng.normal(size=800) + 1.5 * y, 1)  # < 256 distinct scores: the exact maximum
+    assert len(np.unique(s)) < 256
+    m = score_metrics(y, s)
+    k = int(round(m["tpr_at_1pct_fpr"] * 300))
+    assert m["tpr_at_1pct_fpr_lo"] == pytest.approx(beta.ppf(0.025, k, 300 - k + 1))
+    assert m["tpr_at_1pct_fpr_hi"] == pytest.approx(beta.ppf(0.975, k + 1, 300 - k))
+    assert m["tpr_at_1pct_fpr_lo"] <= m["tpr_at_1pct_fpr"] <= m["tpr_at_1pct_fpr_hi"]
+    # epsilon: max over thresholds t of log(TPR_lo / FPR_hi), one-sided bounds at alpha/2 each
+    best = 0.0
+    for t in np.unique(s)[1:]:
+        tp, fp = int((s[y] >= t).sum()), int((s[~y] >= t).sum())
+        tpr_lo = beta.ppf(0.025, tp, 300 - tp + 1) if tp > 0 else 0.0
+        fpr_hi = beta.ppf(0.975, fp + 1, 500 - fp) if fp < 500 else 1.0
+        tnr_lo = beta.ppf(0.025, 500 - fp, fp + 1) if fp < 500 else 0.0
+        fnr_hi = beta.ppf(0.975, 300 - tp + 1, tp) if tp > 0 else 1.0
+        for num, den in ((tpr_lo, fpr_hi), (tnr_lo, fnr_hi)):
+            if num > 0 and den > 0:
+                best = max(best, math.log(num / den))
+    assert m["epsilon_lb"] == pytest.approx(best, rel=1e-9)
+    # with more distinct scores the maximum over 256 quantile thresholds is a (slightly smaller) valid bound
+    from lightning_mia.bounds import epsilon_lower_bound
+
+    s2 = rng.normal(size=800) + 1.5 * y
+    exact = epsilon_lower_bound(y, s2)["epsilon"]
+    assert 0.9 * exact <= score_metrics(y, s2)["epsilon_lb"] <= exact
 
 
 def test_nan_scores_give_nan_score_metrics():

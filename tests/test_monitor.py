@@ -81,7 +81,7 @@ def test_every_n_epochs_and_last_epoch(tmp_path):
                                          verbose=False, report_at_end=False)
     tiny_trainer(tmp_path, [monitor], max_epochs=5).fit(_model(), datamodule=_dm())
     rows = read_history(str(tmp_path / "run" / "version_0" / "mia" / "history.csv"))
-    assert sorted({r["epoch"] for r in rows}) == [1, 3, 4]
+    assert sorted({r["epoch"] for r in rows}) == [0, 1, 3, 4]  # the first, every 2nd and the last
 
 
 def test_fast_dev_run_is_skipped(tmp_path):

@@ -257,6 +257,9 @@ def evaluate(
     eval_ratios: Sequence[float] = (5.0, 1.0, 0.2),
     seed: int = 0,
     min_train_per_class: int = 2,
+    folds: Optional[int] = None,
+    confidence: float = 0.95,
+    delta: float = 0.0,
 ) -> ProtocolResult:
     """Fit and evaluate one attack on an audit pool; see the module docstring for the procedure.
 
@@ -277,6 +280,12 @@ def evaluate(
         eval_ratios: member:non-member ratios of the resampled evaluation sets (``()`` = none).
         seed: master seed (splits, balancing, attacks, ratio resampling).
         min_train_per_class: minimum members and non-members in a training set to fit an attack.
+        folds: k-fold cross-fitting instead of one held-out split: the finite rows are dealt into ``folds``
+            stratified folds and each fold is scored by an attack fitted on the others, so every row gets a score
+            from a model not fitted on it and the metrics use the whole pool (``eval_fraction`` is then unused;
+            ``fold`` is 1 for every scored row).
+        confidence, delta: of the low-FPR intervals and the epsilon lower bound
+            (:func:`lightning_mia.metrics.score_metrics`).
 
     Returns:
         :class:`ProtocolResult`.
@@ -293,6 +302,8 @@ def evaluate(
     check_mode(balance)
     check_int("seed", seed, 0)
     check_int("min_train_per_class", min_train_per_class, 1)
+    if folds is not None:
+        check_int("folds", folds, 2)
     if not isinstance(fit_per_slice, bool) or not isinstance(per_class, bool):
         raise ValueError("fit_per_slice and per_class must be True or False")
     labels_arr = None
@@ -327,8 +338,16 @@ def evaluate(
         ratio_rng = np.random.default_rng(np.random.SeedSequence([seed, rep, 1]))
         attack_seed = _child_seed(seed, rep, 2)
         eval_mask = np.zeros(n, dtype=bool)
-        eval_mask[finite] = stratified_split(strata[finite], eval_fraction, rng)
-        train_mask = finite & ~eval_mask
+        if folds is None:
+            eval_mask[finite] = stratified_split(strata[finite], eval_fraction, rng)
+            splits = [(finite & ~eval_mask, eval_mask)]
+        else:  # cross-fitting: every finite row is evaluated once, by the model of the other folds
+            from lightning_mia.attacks.crossfit import stratified_folds
+
+            assign = np.full(n, -1, dtype=np.int64)
+            assign[finite] = stratified_folds(strata[finite], folds, _child_seed(seed, rep, 3))
+            eval_mask[finite] = True
+            splits = [(finite & (assign != f), assign == f) for f in range(folds)]
         if rep == 0:
             fold[finite] = eval_mask[finite].astype(np.int64)
 
@@ -336,11 +355,16 @@ def evaluate(
         groups = {s: slice_masks[s] for s in slices} if fit_per_slice else {"*": np.ones(n, dtype=bool)}
         group_out = {}
         for g, gmask in groups.items():
-            group_out[g] = _fit_and_score(
-                proto, X2, member, labels_arr if per_class else None,
-                np.flatnonzero(train_mask & gmask), np.flatnonzero(eval_mask & gmask),
-                balance, rng, attack_seed, min_train_per_class,
-            )
+            sc, pr, fitted_any = np.full(n, np.nan), np.zeros(n, dtype=bool), False
+            for train_mask, ev_mask in splits:
+                s_k, p_k, fitted = _fit_and_score(
+                    proto, X2, member, labels_arr if per_class else None,
+                    np.flatnonzero(train_mask & gmask), np.flatnonzero(ev_mask & gmask),
+                    balance, rng, attack_seed, min_train_per_class,
+                )
+                done = ~np.isnan(s_k)
+                sc[done], pr[done], fitted_any = s_k[done], p_k[done], fitted_any or fitted
+            group_out[g] = (sc, pr, fitted_any)
 
         for s in slices:
             g = s if fit_per_slice else "*"
@@ -352,7 +376,8 @@ def evaluate(
                 slice_pred[s][scored] = pr_full[scored].astype(np.float64)
             y_sc = member[scored]
             fitted_count[s] += int(fitted)
-            rec = slice_record(y_sc, sc_full[scored], pr_full[scored], member[ev], correct_arr[ev], fitted)
+            rec = slice_record(y_sc, sc_full[scored], pr_full[scored], member[ev], correct_arr[ev], fitted,
+                               confidence, delta)
             rec["n_unscored"] = float(ev.sum() - scored.sum())
             for r in ratios:
                 sub = resample_to_ratio(y_sc, r, ratio_rng) if fitted else None
@@ -395,12 +420,56 @@ def evaluate(
     )
 
 
+def evaluate_scores(
+    scores: Any,
+    preds: Any,
+    is_member: Any,
+    correct: Any,
+    slices: Sequence[str] = SLICES,
+    confidence: float = 0.95,
+    delta: float = 0.0,
+) -> ProtocolResult:
+    """Metrics of scores that needed no fitting on the pool (reference-model attacks: LiRA, RMIA), on every
+    sample with a finite score, per slice. ``preds`` are the attack's own decisions (e.g. likelihood ratio > 1).
+
+    Example:
+        >>> y = np.r_[np.ones(50, bool), np.zeros(50, bool)]
+        >>> s = np.r_[np.linspace(1, 2, 50), np.linspace(0, 1.2, 50)]
+        >>> evaluate_scores(s, s > 1, y, np.ones(100, bool), slices=["all"]).rows[0]["auc"] > 0.9
+        True
+    """
+    t0 = time.perf_counter()
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    n = s.size
+    member = _bool_array(is_member, "is_member", n)
+    correct_arr = _bool_array(correct, "correct", n)
+    pred = _bool_array(preds, "preds", n)
+    slices, _ = check_split_options(0.5, 1, slices, ())
+    finite = np.isfinite(s)
+    slice_masks = {"all": np.ones(n, dtype=bool), "correct": correct_arr, "misclassified": ~correct_arr}
+    rows, slice_scores, slice_pred = [], {}, {}
+    for name in slices:
+        sm = slice_masks[name]
+        ok = sm & finite
+        rec = slice_record(member[ok], s[ok], pred[ok], member[sm], correct_arr[sm], bool(ok.any()), confidence, delta)
+        rows.append({"slice": name, "n_members": int((sm & member).sum()), "n_nonmembers": int((sm & ~member).sum()),
+                     "n_nonfinite": int((sm & ~finite).sum()), "repeats": 1, "n_unscored": float((sm & ~finite).sum()),
+                     **{k: float(v) for k, v in rec.items()}, **{f"{k}_std": 0.0 for k in METRIC_KEYS}})
+        slice_scores[name] = np.where(sm & finite, s, np.nan)
+        slice_pred[name] = np.where(sm & finite, pred.astype(np.float64), np.nan)
+    return ProtocolResult(rows=rows, scores=np.where(finite, s, np.nan), fold=np.where(finite, 1, -1).astype(np.int64),
+                          pred=np.where(finite, pred.astype(np.float64), np.nan), slice_scores=slice_scores,
+                          slice_pred=slice_pred, seconds=time.perf_counter() - t0)
+
+
 def slice_record(member_scored: np.ndarray, scores: np.ndarray, preds: np.ndarray, member_eval: np.ndarray,
-                 correct_eval: np.ndarray, fitted: bool = True) -> Dict[str, float]:
+                 correct_eval: np.ndarray, fitted: bool = True, confidence: float = 0.95,
+                 delta: float = 0.0) -> Dict[str, float]:
     """One slice's record of one split: every attack metric on the scored rows (NaN when no attack could be
-    fitted), their counts, and the naive / ZeroR baselines on all evaluation rows of the slice."""
+    fitted; ``confidence``/``delta`` of the intervals and epsilon bound), their counts, and the naive / ZeroR
+    baselines on all evaluation rows of the slice."""
     if fitted:
-        m = attack_metrics(member_scored, scores, preds)
+        m = attack_metrics(member_scored, scores, preds, confidence, delta)
     else:
         m = nan_metrics(int(member_scored.sum()), int((~member_scored).sum()))
     rec: Dict[str, float] = {k: m[k] for k in METRIC_KEYS}

@@ -11,19 +11,19 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_mia.audit import DEFAULT_RATIO, AuditPool, check_nonmembers_unseen, make_audit_pool, validate_audit_pool
-from lightning_mia.auditor import Auditor, AuditResult
-from lightning_mia.callbacks.paths import run_dir
-from lightning_mia.extraction import check_item, extract_pass
-from lightning_mia.layout import PROGRESS_BAR_METRIC
+from lightning_mia.auditor import CANARY_SOURCE, Auditor, AuditResult
+from lightning_mia.callbacks.paths import audit_datasets, run_dir
+from lightning_mia.data.canaries import canaries_of
+from lightning_mia.callbacks.references import POPULATION_SOURCE, ReferenceModels, ReferenceTrainer
+from lightning_mia.extraction import check_item, extract_sharded
 from lightning_mia.membership import MembershipData
 from lightning_mia.protocols import AttackProtocol, build_protocol
-from lightning_mia.report.console import audit_summary, print_line, progress_bar
-from lightning_mia.run_writer import RunWriter, finite, tensorboard_writer
+from lightning_mia.report.console import audit_summary, print_line
+from lightning_mia.run_writer import RunWriter, log_privacy_metrics, privacy_metrics
 from lightning_mia.validation import check_bool, check_int, check_positive
 
 SpecArg = Union[str, Dict[str, Any]]
@@ -39,27 +39,28 @@ class MembershipInferenceMonitor(Callback):
     and to ``{run_dir}/mia/history.csv`` (the files: :mod:`lightning_mia.layout`).
 
     Args:
-        every_n_epochs: audit period (the last epoch is always audited).
-        features: feature names or ``{"name": ..., "tag": ..., **options}`` (see ``lightning_mia.features``).
-        attacks: attack names or ``{"name": ..., "tag": ..., **options}`` (see ``lightning_mia.attacks``).
+        every_n_epochs: audit period (the first and the last epoch are always audited).
+        features: names or ``{"name": ..., "tag": ..., **options}``: confidence, softmax, true_class_prob, loss,
+            entropy, modified_entropy, logit_scaled_confidence, intermediate, gradient_norms, boundary_distance,
+            trajectory (options: ``lightning_mia.features``).
+        attacks: names or ``{"name": ..., "tag": ..., **options}``: threshold, logistic_regression, mlp,
+            random_forest, xgboost, and lira, rmia (with ``reference_models``; options: ``lightning_mia.attacks``).
         protocol: how attacks are fitted and scored: a :class:`~lightning_mia.protocols.StandardProtocol`
             (repeated stratified splits; the default), a :class:`~lightning_mia.protocols.PaperProtocol` (the
             authors' per-class protocol), or the name ``standard`` / ``paper`` for one with its defaults.
-        n_members: members in the audit pool (default: as many as the data allows at ``ratio``:1).
-        n_nonmembers: held-out non-members in the audit pool (default: likewise).
-        ratio: members per non-member when the pool sizes are not given.
+        n_members: members in the audit pool, an integer (default: as many as the data allows at ``ratio``:1).
+        n_nonmembers: held-out non-members in the audit pool, an integer (default: likewise).
+        ratio: members per non-member in the default pool (the paper's 5:1), a finite number > 0.
         seed: seeds the audit pool, and the protocol when its own ``seed`` is ``None``.
         save_predictions: write ``mia/predictions/epoch_NNNN.npz`` with per-sample scores.
         batch_size: inference batch size of the audit pass.
         n_jobs: threads fitting the feature/attack pairs in parallel (worth it for MLP / forest / XGBoost).
-        dirpath: the run directory ``mia/`` goes into; default: the first logger's ``log_dir``
-            (else ``trainer.default_root_dir``).
+        dirpath: the run directory ``mia/`` goes into; default: the first logger's ``log_dir``.
         log_histograms: TensorBoard histograms of member / non-member scores.
         report_at_end: write ``mia/report.md`` and figures when fitting ends.
         verbose: print a summary line per audit and a progress bar for long extractions.
-        ood_sources: out-of-distribution non-member sources (``gaussian``, ``rotated``, ``inverted``,
-            ``{name: dataset, datamodule: {name: fashion_mnist}}``; see ``lightning_mia.ood``): each attack, fitted on
-            the whole audit pool, is applied to them and their FAR logged as ``mia/{feature}/{attack}/ood_{source}/far``.
+        ood_sources: out-of-distribution non-members (``gaussian``, ``rotated``, ``inverted``, ``{name: dataset,
+            datamodule: {name: fashion_mnist}}``): their FAR is logged as ``mia/{feature}/{attack}/ood_{source}/far``.
         ood_samples: samples per OOD source.
         calibrate: feature tags to also attack difficulty-calibrated, as ``{tag}_calibrated`` = value now minus
             the sample's value at ``reference_epoch`` (a LiRA-style per-sample reference without shadow models).
@@ -68,6 +69,12 @@ class MembershipInferenceMonitor(Callback):
         check_overlap: refuse non-members identical to training samples (hashes every training input once).
         member_dataset: ``(x, y, index)`` dataset of members, for datamodules without ``member_dataset()``.
         nonmember_dataset: likewise for non-members (``nonmember_dataset()``).
+        exposed_top_k: write the most exposed members and false alarms of each audit (``mia/exposed/``, and a
+            TensorBoard image grid when the data can be shown); 0: off.
+        canary_guesses: "in" and "out" guesses each of the one-run audit when the datamodule has canaries
+            (``canary_dataset()`` / ``canary_inclusion()``); default a tenth of the canaries each.
+        reference_models: train K reference models alongside the target (:class:`ReferenceModels`, e.g.
+            ``{count: 8, mode: online}``) for the reference-model attacks ``lira`` and ``rmia``.
 
     Example:
         >>> from lightning_mia.callbacks import MembershipInferenceMonitor
@@ -103,6 +110,9 @@ class MembershipInferenceMonitor(Callback):
         check_overlap: bool = True,
         member_dataset: Optional[Any] = None,
         nonmember_dataset: Optional[Any] = None,
+        reference_models: Optional[ReferenceModels] = None,
+        exposed_top_k: int = 16,
+        canary_guesses: Optional[int] = None,
     ) -> None:
         super().__init__()
         from lightning_mia.attacks import ATTACKS
@@ -116,6 +126,7 @@ class MembershipInferenceMonitor(Callback):
         self.seed = check_int("seed", seed, 0)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.ood_samples = check_int("ood_samples", ood_samples, 1)
+        self.exposed_top_k = check_int("exposed_top_k", exposed_top_k, 0)
         self.save_predictions = check_bool("save_predictions", save_predictions)
         self.log_histograms = check_bool("log_histograms", log_histograms)
         self.report_at_end = check_bool("report_at_end", report_at_end)
@@ -133,7 +144,12 @@ class MembershipInferenceMonitor(Callback):
                                calibrate=[calibrate] if isinstance(calibrate, str) else list(calibrate),
                                reference_epoch=check_int("reference_epoch", reference_epoch, 0),
                                ood_sources=[s.tag for s in self.ood_sources],
-                               n_jobs=check_int("n_jobs", n_jobs, 1), seed=self.seed)
+                               n_jobs=check_int("n_jobs", n_jobs, 1), seed=self.seed,
+                               canary_guesses=check_int("canary_guesses", canary_guesses, 1, allow_none=True))
+        if bool(self.auditor.reference_attacks) != (reference_models is not None):
+            raise ValueError("lira and rmia are scored from reference models: pass reference_models (e.g. "
+                             "{count: 8, mode: online}) together with one of them in attacks")
+        self._refs = ReferenceTrainer(reference_models, self.seed) if reference_models is not None else None
         self.dirpath, self.audit_file = dirpath, audit_file
         self._member_dataset, self._nonmember_dataset = member_dataset, nonmember_dataset
         self.pool: Optional[AuditPool] = None
@@ -143,6 +159,8 @@ class MembershipInferenceMonitor(Callback):
         self._feature_objs: Dict[str, Any] = {}
         self._ood: Dict[str, Any] = {}
         self._writer: Optional[RunWriter] = None
+        self._seen_epoch, self._held = -1, {}
+        self._canaries: Optional[Tuple[Any, np.ndarray]] = None
         #: wall time of each audit on this rank: extraction (incl. gather), attacks (incl. broadcast), writing
         self.timings: List[Dict[str, float]] = []
 
@@ -155,13 +173,16 @@ class MembershipInferenceMonitor(Callback):
     def state_dict(self) -> Dict[str, Any]:
         # plain Python types only: LightningCLI resumes with torch.load(weights_only=True)
         return {"pool": None if self.pool is None else self.pool.to_dict(), "last_epoch": self.last_epoch,
-                "seed": self.seed, **self.auditor.state_dict()}
+                "seed": self.seed, **self.auditor.state_dict(),
+                "references": None if self._refs is None else self._refs.state_dict()}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if state_dict.get("pool") is not None:
             self.pool = AuditPool.from_dict(state_dict["pool"])
         self.last_epoch = int(state_dict.get("last_epoch", -1))
         self.auditor.load_state_dict(state_dict)
+        if self._refs is not None and state_dict.get("references") is not None:
+            self._refs.load_state_dict(state_dict["references"])
         self._resumed = True
 
     @property
@@ -192,57 +213,74 @@ class MembershipInferenceMonitor(Callback):
         from lightning_mia.ood import build_ood_source
 
         self._ood = {s.tag: build_ood_source(s, nonmembers, self.ood_samples, self.seed) for s in self.ood_sources}
+        self._canaries = canaries_of(getattr(trainer, "datamodule", None))
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._skip_run(trainer) or trainer.global_rank != 0:
+        if self._skip_run(trainer):
+            return
+        if self._refs is not None:  # after the module's own setup built its network: the references copy it
+            self._refs.setup(trainer, pl_module, *self._datasets(trainer), self.pool)
+        if trainer.global_rank != 0:
             return
         self._run_writer(trainer).start(self.pool, self.last_epoch + 1 if self._resumed else None)
 
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # the epoch-end validation: auditing here lets EarlyStopping / ModelCheckpoint (on_validation_end) act on
+        # the privacy metrics in the same epoch
+        if not self._skip_run(trainer) and trainer.state.fn == "fit" and trainer.is_last_batch:
+            self._epoch_end(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._skip_run(trainer):
-            return
-        epoch = trainer.current_epoch
+        if not self._skip_run(trainer):
+            self._epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # max_steps, max_time or an early stop can end training on an epoch that was not due for an audit
+        if not self._skip_run(trainer) and self._seen_epoch > self.last_epoch:
+            self.audit(trainer, pl_module, self._seen_epoch, log=False)
+
+    def _epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        epoch = self._seen_epoch = trainer.current_epoch
+        if self._refs is not None:  # every epoch, in lockstep with the target
+            self._refs.train_epoch(epoch)
         last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch == trainer.max_epochs - 1
-        if (epoch + 1) % self.every_n_epochs != 0 and not last and not trainer.should_stop:
-            return
-        self.audit(trainer, pl_module, epoch)
+        # the first epoch too: a baseline, and values for callbacks that watch a privacy metric from the start
+        due = epoch == 0 or (epoch + 1) % self.every_n_epochs == 0 or last or trainer.should_stop
+        if epoch > self.last_epoch and due:
+            self.audit(trainer, pl_module, epoch)
+        else:  # held values: callbacks watching a privacy metric find it on epochs without an audit too
+            log_privacy_metrics(pl_module, self._held)
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._skip_run(trainer) or trainer.global_rank != 0 or self.last_epoch < 0:
             return
-        writer = self._run_writer(trainer)
-        lines = []
-        if self.report_at_end:
-            try:
-                hparams = {**{f"model/{k}": v for k, v in dict(pl_module.hparams).items()},
-                           **{f"mia/{k}": v for k, v in self.protocol.options().items()}}
-                report, table = writer.finish(hparams, self.last_epoch)
-                lines += [table, f"Report: {report}"]
-            except Exception as err:  # a report failure must not lose the training run
-                rank_zero_warn(f"Could not write the MIA report: {err!r}")
-        lines.append(f"Membership-inference audit: {writer.layout.history}")
-        root = next((lg.save_dir for lg in trainer.loggers if tensorboard_writer([lg]) is not None), None)
-        if root is not None:
-            lines.append(f"TensorBoard: tensorboard --logdir {root}")
+        hparams = {**{f"model/{k}": v for k, v in dict(pl_module.hparams).items()},
+                   **{f"mia/{k}": v for k, v in self.protocol.options().items()}}
+        lines = self._run_writer(trainer).finish_fit(hparams, self.last_epoch, self.report_at_end)
         print("\n".join(lines))  # the progress bars are closed by now: their print() would drop it
 
     # ------------------------------------------------------------------ work
-    def audit(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int) -> AuditResult:
-        """Extract (sharded over ranks), attack (rank zero), broadcast, log. Returns the ``AuditResult``."""
+    def audit(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int,
+              log: bool = True) -> AuditResult:
+        """Extract (sharded over ranks), attack (rank zero), broadcast, write and (``log``) put the privacy metrics
+        in ``trainer.callback_metrics``. Returns the ``AuditResult``."""
         t0 = time.perf_counter()
         data = self._extract(trainer, pl_module)
         t1 = time.perf_counter()
-        result = self.auditor.audit(data, epoch, self._feature_objs) if trainer.global_rank == 0 else None
+        refs = None if self._refs is None else self._refs.signals(trainer, data, *self._datasets(trainer))
+        extra = {"dp_epsilon": float(pl_module.get_epsilon())} if callable(getattr(pl_module, "get_epsilon", None)) \
+            else {}  # the DP accountant's epsilon beside the measured bounds
+        result = self.auditor.audit(data, epoch, self._feature_objs, refs, extra) if trainer.global_rank == 0 else None
         if trainer.world_size > 1:
             result = trainer.strategy.broadcast(result, src=0)
         t2 = time.perf_counter()
         self.last_epoch, self.last_result = epoch, result
         if trainer.global_rank == 0:
-            self._run_writer(trainer).write(result, self.protocol.slices)
-        head = next((r for r in result.rows if r["slice"] == "all"), None)
-        if head is not None and finite(head.get("balanced_accuracy")):
-            pl_module.log(PROGRESS_BAR_METRIC, float(head["balanced_accuracy"]), prog_bar=True, logger=False,
-                          rank_zero_only=True)  # same value on every rank (broadcast)
+            self._run_writer(trainer).write(result, self.protocol.slices, self._datasets(trainer),
+                                            getattr(getattr(trainer, "datamodule", None), "class_names", None))
+        self._held = privacy_metrics(result)
+        if log:
+            log_privacy_metrics(pl_module, self._held)
         self.timings.append({"epoch": epoch, "extract_s": t1 - t0, "attack_s": t2 - t1,
                              "write_s": time.perf_counter() - t2})
         if self.verbose and trainer.global_rank == 0:
@@ -257,43 +295,23 @@ class MembershipInferenceMonitor(Callback):
             (False, nonmembers, self.pool.nonmember_positions, "non-member dataset", 0)]
         for k, (tag, ds) in enumerate(self._ood.items(), start=1):
             sources.append((False, ds, np.arange(len(ds)), f"OOD source {tag!r}", k))
-        slow = any(getattr(f, "requires_grad", False) for f in self._feature_objs.values())
-        total = sum((len(pos) + world - 1) // world for _, _, pos, _, _ in sources)
-        bar = progress_bar(total, "MIA features") if self.verbose and rank == 0 and (slow or total > 20000) else None
-        try:
-            parts = [extract_pass(pl_module, ds, positions[rank::world],  # disjoint shards: no padding
-                                  self._feature_objs, batch_size=self.batch_size, device=pl_module.device,
-                                  progress=bar.update if bar else None, where=where, is_member=is_member,
-                                  source=source)
-                     for is_member, ds, positions, where, source in sources]
-        finally:
-            if bar is not None:
-                bar.close()
-        local = MembershipData.concat(parts)
-        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: List[Any] = [None] * world
-            torch.distributed.all_gather_object(gathered, local)
-            local = MembershipData.concat(gathered)
-        return local
+        if self._refs is not None:  # RMIA's population samples z
+            sources.append((False, nonmembers, self._refs.z_positions, "non-member dataset", POPULATION_SOURCE))
+        if self._canaries is not None:  # the one-run audit's canaries, by their coin
+            ds, inc = self._canaries
+            sources += [(flag, ds, np.flatnonzero(inc == flag), "canary dataset", CANARY_SOURCE) for flag in (1, 0)]
+        return extract_sharded(pl_module, sources, self._feature_objs, rank, world, self.batch_size,
+                               verbose=self.verbose, keep_logits=self._refs is not None)
 
     # ------------------------------------------------------------------ helpers
     def _run_writer(self, trainer: "pl.Trainer") -> RunWriter:
         if self._writer is None:
             self._writer = RunWriter(run_dir(trainer, self.dirpath), trainer.loggers, self.log_histograms,
-                                     self.save_predictions)
+                                     self.save_predictions, self.exposed_top_k)
         return self._writer
 
     def _datasets(self, trainer: "pl.Trainer") -> Tuple[Any, Any]:
-        if self._member_dataset is not None:
-            return self._member_dataset, self._nonmember_dataset
-        dm = getattr(trainer, "datamodule", None)
-        if dm is not None and callable(getattr(dm, "member_dataset", None)) and callable(
-                getattr(dm, "nonmember_dataset", None)):
-            return dm.member_dataset(), dm.nonmember_dataset()
-        raise ValueError(
-            "MembershipInferenceMonitor needs member and non-member datasets: use a lightning_mia datamodule "
-            "(it provides member_dataset() and nonmember_dataset()), or pass member_dataset= and "
-            "nonmember_dataset= (datasets of (x, y, index) items; see lightning_mia.data.IndexedDataset)")
+        return audit_datasets(trainer, self._member_dataset, self._nonmember_dataset)
 
     @staticmethod
     def _skip_run(trainer: "pl.Trainer") -> bool:

@@ -95,3 +95,15 @@ def draw_canaries(n_train: int, config: CanaryConfig, default_seed: int) -> Tupl
     positions = np.sort(np.random.default_rng([int(seed), STREAM_CANARY_CANDIDATES]).choice(n_train, m, replace=False))
     included = np.random.default_rng([int(seed), STREAM_CANARY_COINS]).random(m) < 0.5
     return positions.astype(np.int64), included
+
+
+def canaries_of(datamodule: Any) -> Optional[Tuple[Any, Any]]:
+    """``(canary_dataset(), canary_inclusion())`` when the datamodule has one-run canaries, else ``None``: what the
+    monitor asks a datamodule (any datamodule with these two methods takes part)."""
+    get, coins = getattr(datamodule, "canary_dataset", None), getattr(datamodule, "canary_inclusion", None)
+    if not (callable(get) and callable(coins)):
+        return None
+    try:
+        return get(), np.asarray(coins(), dtype=bool)
+    except ValueError:  # a datamodule that supports canaries but has none configured
+        return None

@@ -14,6 +14,7 @@ Every feature maps a batch to a float32 ``(n, d)`` tensor (:class:`Feature`), is
 ``intermediate``             outputs of chosen layers (forward hooks), optional PCA cap
 ``gradient_norms``           7 statistics of per-sample ``dL/dw`` and ``dL/dx``
 ``boundary_distance``        L2 distance to the decision boundary (Algorithm 1; label-only variant)
+``trajectory``               the loss (or LiRA's confidence) at every audited epoch so far
 ============================ ========================================================================
 
 Example:
@@ -39,6 +40,7 @@ from lightning_mia.features.confidence import (
 from lightning_mia.features.intermediate import Intermediate
 from lightning_mia.features.gradients import STAT_NAMES, GradientNorms
 from lightning_mia.features.boundary import BoundaryDistance
+from lightning_mia.features.trajectory import Trajectory
 
 __all__ = [
     "FEATURES",
@@ -58,4 +60,5 @@ __all__ = [
     "GradientNorms",
     "STAT_NAMES",
     "BoundaryDistance",
+    "Trajectory",
 ]

@@ -44,7 +44,8 @@ def run_extraction(
 ) -> Dict[str, np.ndarray]:
     """Run ``model`` in eval mode over ``batches`` of ``(x, y, index)`` (``index`` may be ``None``).
 
-    Returns ``index``, ``label``, ``pred``, ``correct``, ``loss`` and ``feat:{tag}`` ``(n, d)`` float32 arrays.
+    Returns ``index``, ``label``, ``pred``, ``correct``, ``loss``, ``logits`` ``(n, C)`` and ``feat:{tag}`` ``(n, d)``
+    float32 arrays.
     A label ``< 0`` marks an unlabelled sample (e.g. out-of-distribution noise): label-dependent values then use
     the predicted class. The per-sample loss is the module's ``mia_loss(logits, y)`` when it has one, else
     cross-entropy. ``forward(model, x)`` replaces ``model(x)`` (e.g. to run under a precision context).
@@ -54,6 +55,7 @@ def run_extraction(
     call = forward if forward is not None else (lambda m, inputs: m(inputs))
     out: Dict[str, List[np.ndarray]] = {k: [] for k in PER_SAMPLE_KEYS}
     feats: Dict[str, List[np.ndarray]] = {tag: [] for tag in features}
+    all_logits: List[np.ndarray] = []
     n_done = 0
     with eval_mode(model):
         for x, y, idx in batches:
@@ -71,6 +73,7 @@ def run_extraction(
             out["pred"].append(pred.cpu().numpy())
             out["correct"].append((pred == y).cpu().numpy())
             out["loss"].append(loss.float().cpu().numpy().reshape(-1))
+            all_logits.append(logits.detach().float().cpu().numpy().reshape(len(y), -1))
             for tag, feat in features.items():
                 with torch.enable_grad() if feat.requires_grad else torch.no_grad():
                     values = feat.extract(model, x, y, logits)
@@ -82,6 +85,7 @@ def run_extraction(
     for k, parts in out.items():
         arrays[k] = np.concatenate(parts) if parts else np.zeros(0, np.float32 if k == "loss" else np.int64)
     arrays["correct"] = arrays["correct"].astype(bool)
+    arrays["logits"] = np.concatenate(all_logits) if all_logits else np.zeros((0, 0), np.float32)
     for tag, parts in feats.items():
         arrays[f"feat:{tag}"] = np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
     return arrays
