@@ -231,18 +231,27 @@ def section(config: str, run_dir: str, command: str, seconds: float, notes: Sequ
 
 def main_study(argv: Optional[Sequence[str]] = None) -> int:
     """``lightning-mia study CONFIG... [--fast] [--out FILE] [--runs DIR] [--max-epochs N] [--every N]``."""
-    p = argparse.ArgumentParser(prog="lightning-mia study", description=__doc__.splitlines()[0])
+    from lightning_mia.report import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="lightning-mia study", formatter_class=HelpFormatter, description=(
+        "Train each config with the monitor set to the paper's signals (confidence, intermediate layers -1/-2,\n"
+        "distance to the boundary, gradient norms w.r.t. input and weights) and attacks, then write a results\n"
+        "page: the final-epoch numbers beside the paper's (Rezaei & Liu 2021, Tables 3-7) and each of its\n"
+        "claims checked on the run's history."),
+                                epilog="example:\n  lightning-mia study configs/cpu/lenet_fashion_mnist.yaml --pool 1000 "
+                                       "--every 5 --out docs/results.md")
     p.add_argument("configs", nargs="+", help="training configs (YAML)")
     p.add_argument("--out", default="docs/results.md", help="results page to write")
     p.add_argument("--runs", default="runs/study", help="where the runs go")
-    p.add_argument("--ood", nargs="*", default=[], help="extra OOD sources, e.g. "
+    p.add_argument("--ood", nargs="*", default=[], help="extra OOD sources besides gaussian, rotated, inverted, e.g. "
                    "'{\"name\": \"dataset\", \"datamodule\": {\"name\": \"fashion_mnist\"}}'")
     p.add_argument("--append", action="store_true", help="add sections to an existing results page")
     p.add_argument("--fast", action="store_true", help="CI mode: logistic regression only, 2 repeats")
-    p.add_argument("--max-epochs", type=int, default=None)
-    p.add_argument("--every", type=int, default=None, help="audit every N epochs")
+    p.add_argument("--max-epochs", type=int, default=None, help="epochs per config (default: the config's)")
+    p.add_argument("--every", type=int, default=None, help="audit every N epochs (default: the config's)")
     p.add_argument("--pool", type=int, default=None,
-                   help="members and non-members each (gradient and boundary features cost per sample)")
+                   help="members and non-members each (gradient and boundary features cost per sample; default: as "
+                        "many as the data allows)")
     args = p.parse_args(argv)
     for c in args.configs:
         if not os.path.isfile(c):

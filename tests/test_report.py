@@ -97,7 +97,10 @@ def test_table_picks_the_right_rows():
     r = _row(table, "correct", "es_patience_9")
     assert r["epoch"] is None and r["monitored_epoch"] == 10 and "did not stop" in r["note"]
     assert _row(table, "all", "best_val")["monitored_epoch"] == 2
-    assert [_row(table, s, "max_leakage")["epoch"] for s in SLICES] == [4, 4, 8]
+    # misclassified: epoch 8 (BA 0.80) holds 3 members, below min_slice_count=20; of epochs 0-4 (40/30/20) 4 leads
+    assert [_row(table, s, "max_leakage")["epoch"] for s in SLICES] == [4, 4, 4]
+    every = comparison_table(rows, es_json([(2, 5), (4, 8), (9, None)], best_epoch=3), min_slice_count=0)
+    assert _row(every, "misclassified", "max_leakage")["epoch"] == 8
     assert all(_row(table, s, "final")["epoch"] == 10 for s in SLICES)
     assert math.isnan(_row(table, "misclassified", "final")["balanced_accuracy"])
 

@@ -5,8 +5,9 @@ present (otherwise early stopping is recomputed from the history's ``test_loss``
 ``mia/predictions/epoch_NNNN.npz`` when present, and writes ``report.md``, ``early_stopping.csv`` and
 ``figures/*.png`` into ``{run_dir}/mia`` (or ``out``). ``compare_runs`` overlays several runs.
 
-Command-line entries for the ``lightning-mia`` CLI: :func:`main_report` (``report RUN_DIR [--out DIR]``) and
-:func:`main_compare` (``compare RUN_DIR... --out DIR``).
+Command-line entries for the ``lightning-mia`` CLI: :func:`main_report` (``report RUN_DIR [--out DIR]``, default
+``RUN_DIR/mia``) and :func:`main_compare` (``compare RUN_DIR... [--out DIR]``, default ``mia_compare`` in the
+runs' common parent folder: :func:`default_compare_out`).
 
 Example:
     >>> write_report("runs/digits/version_0")            # doctest: +SKIP
@@ -25,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from lightning_mia.layout import EARLY_STOPPING_CSV, FIGURES_DIR, REPORT_MD, RunLayout, score_key
 from lightning_mia.report.history import read_history
 
-__all__ = ["write_report", "compare_runs", "main_report", "main_compare", "load_run"]
+__all__ = ["write_report", "compare_runs", "main_report", "main_compare", "load_run", "default_compare_out"]
 
 
 def load_run(run_dir: str) -> Dict[str, Any]:
@@ -68,8 +69,14 @@ def _pick_epochs(available: Sequence[int], targets: Sequence[Optional[int]], lim
     return sorted(picked)[:limit]
 
 
+def _slice_cell(r: Mapping[str, Any]) -> str:
+    from lightning_mia.report.tables import slice_cell
+
+    return slice_cell(r)
+
+
 _TABLE_COLUMNS = [
-    ("slice", "slice"), ("point", "point"), ("epoch", "epoch"), ("monitored", "monitored_epoch"),
+    ("slice", _slice_cell), ("point", "point"), ("epoch", "epoch"), ("monitored", "monitored_epoch"),
     ("train acc", "train_acc"), ("test acc", "test_acc"), ("gap", "gap"),
 ]
 
@@ -80,16 +87,20 @@ def _report_columns():
     return _TABLE_COLUMNS + [
         ("balanced acc. ± std", lambda r: pm(r, "balanced_accuracy")), ("FAR ± std", lambda r: pm(r, "far")),
         ("TPR@0.1%FPR", "tpr_at_0.1pct_fpr"), ("members / non-members", lambda r: _counts(r)),
-        ("misclassified members", "n_misclassified_members"), ("note", "note"),
+        ("scored", lambda r: _counts(r, "n_eval_")), ("misclassified members", "n_misclassified_members"),
+        ("note", "note"),
     ]
 
 
-def _counts(r: Mapping[str, Any]) -> str:
-    m, n = r.get("n_members"), r.get("n_nonmembers")
-    return "–" if m is None and n is None else f"{'–' if m is None else m} / {'–' if n is None else n}"
+def _counts(r: Mapping[str, Any], prefix: str = "n_") -> str:
+    from lightning_mia.report.console import _count
+
+    m, n = _count(r.get(f"{prefix}members")), _count(r.get(f"{prefix}nonmembers"))
+    return "–" if m is None and n is None else f"{m or '–'} / {n or '–'}"
 
 
-def write_report(run_dir: str, out: Optional[str] = None, roc_epochs: Optional[Sequence[int]] = None) -> str:
+def write_report(run_dir: str, out: Optional[str] = None, roc_epochs: Optional[Sequence[int]] = None,
+                 min_slice_count: Optional[int] = None) -> str:
     """Write ``report.md`` (+ ``early_stopping.csv``, ``figures/*.png``) for a run; returns the report path.
 
     Args:
@@ -97,10 +108,13 @@ def write_report(run_dir: str, out: Optional[str] = None, roc_epochs: Optional[S
         out: output folder (default ``{run_dir}/mia``).
         roc_epochs: epochs for ROC curves (nearest saved predictions at or before each); default: first saved,
             early-stopping epochs, max-leakage epoch and last saved. Ignored when no predictions were saved.
+        min_slice_count: smallest slice (members and non-members) a max-leakage epoch may have (default
+            :data:`lightning_mia.report.tables.MIN_SLICE_COUNT`); smaller slices are marked "(small)".
     """
     from lightning_mia.report import plots
     from lightning_mia.report.tables import (
-        combos as table_combos, comparison_table, fmt, markdown_table, write_early_stopping_csv)
+        MIN_SLICE_COUNT, UNDEFINED_NOTE, combos as table_combos, comparison_table, fmt, markdown_table,
+        write_early_stopping_csv)
 
     run = load_run(run_dir)
     rows, es = run["rows"], run["es"]
@@ -109,7 +123,8 @@ def write_report(run_dir: str, out: Optional[str] = None, roc_epochs: Optional[S
     fig_dir = os.path.join(out, FIGURES_DIR)
     os.makedirs(fig_dir, exist_ok=True)
 
-    table = comparison_table(rows, es)
+    min_slice_count = MIN_SLICE_COUNT if min_slice_count is None else int(min_slice_count)
+    table = comparison_table(rows, es, min_slice_count=min_slice_count)
     csv_path = write_early_stopping_csv(run_dir, table, path=os.path.join(out, EARLY_STOPPING_CSV))
     es_epochs = {r["name"]: r.get("stop_epoch") for r in es.get("rules", [])}
     preds = layout.prediction_files()
@@ -175,6 +190,11 @@ def write_report(run_dir: str, out: Optional[str] = None, roc_epochs: Optional[S
            "- *misclassified members*: members the target misclassifies at that epoch. High attack accuracy on the "
            "misclassified slice late in training concerns only this many training samples (Rezaei & Liu 2021, "
            "supplementary: \"after epoch 160, there are only a handful of misclassified training samples\").",
+           f"- *(small)*: fewer than {min_slice_count} members or non-members in the slice at that epoch; its rates "
+           "rest on a handful of samples, so *max_leakage* skips such epochs.",
+           "- *scored*: members / non-members in the evaluation split the rates are measured on (mean over the "
+           "repeated splits); *members / non-members*: the whole slice.",
+           f"- {UNDEFINED_NOTE}",
            "- FAR = non-members called members; balanced accuracy 0.5 = chance.", ""]
     from lightning_mia.io import atomic_write_text
 
@@ -197,16 +217,52 @@ def compare_runs(run_dirs: Sequence[str], out: str, labels: Optional[Sequence[st
     return _compare(run_dirs, out, labels=labels)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``(default: ...)`` after each option's help (options without a default or with a computed one say it in
+    their help text); the description and epilog kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def default_compare_out(run_dirs: Sequence[str]) -> str:
+    """``compare``'s default output folder: ``mia_compare`` in the runs' common parent folder (for
+    ``runs/a/version_0 runs/b/version_0``: ``runs/mia_compare``; for one run: next to it)."""
+    parents = [os.path.dirname(os.path.normpath(os.path.abspath(d))) for d in run_dirs]
+    try:
+        common = os.path.commonpath(parents)
+    except ValueError:  # different drives
+        common = os.getcwd()
+    out = os.path.join(common, "mia_compare")
+    if not any(os.path.isabs(d) for d in run_dirs):  # relative in, relative out
+        out = os.path.relpath(out)
+    return out
+
+
 def main_report(argv: Optional[Sequence[str]] = None) -> int:
-    """``lightning-mia report RUN_DIR [--out DIR] [--roc-epochs E ...]``; prints the report path."""
-    parser = argparse.ArgumentParser(prog="lightning-mia report",
-                                     description="Write the privacy report of a run from its mia/ files.")
+    """``lightning-mia report RUN_DIR [--out DIR] [--roc-epochs E ...] [--min-slice-count N]``; prints the report
+    path."""
+    from lightning_mia.report.tables import MIN_SLICE_COUNT
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-mia report", formatter_class=HelpFormatter,
+        description="Write the privacy report of a run (report.md, early_stopping.csv, figures/*.png) from its\n"
+                    "mia/ files, without re-training.",
+        epilog="example:\n  lightning-mia report runs/quickstart/version_0")
     parser.add_argument("run_dir", help="run directory (TensorBoard logger log_dir) containing mia/history.csv")
     parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/mia)")
-    parser.add_argument("--roc-epochs", type=int, nargs="*", default=None, help="epochs for ROC curves")
+    parser.add_argument("--roc-epochs", type=int, nargs="*", default=None,
+                        help="epochs for ROC curves (default: the first saved, early-stopping, max-leakage and last "
+                             "epochs)")
+    parser.add_argument("--min-slice-count", type=int, default=MIN_SLICE_COUNT,
+                        help="smallest slice (members and non-members) a max-leakage epoch may have; smaller "
+                             "slices are marked (small)")
     args = parser.parse_args(argv)
     try:
-        path = write_report(args.run_dir, out=args.out, roc_epochs=args.roc_epochs)
+        path = write_report(args.run_dir, out=args.out, roc_epochs=args.roc_epochs,
+                            min_slice_count=args.min_slice_count)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     print(path)
@@ -214,15 +270,21 @@ def main_report(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main_compare(argv: Optional[Sequence[str]] = None) -> int:
-    """``lightning-mia compare RUN_DIR... --out DIR [--labels L ...]``; prints the summary path."""
-    parser = argparse.ArgumentParser(prog="lightning-mia compare",
-                                     description="Overlay the MI audits of several runs in one figure.")
+    """``lightning-mia compare RUN_DIR... [--out DIR] [--labels L ...]``; prints the summary path."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-mia compare", formatter_class=HelpFormatter,
+        description="Overlay the membership-inference audits of several runs: one figure per feature/attack\n"
+                    "they share, and a summary table (compare.md).",
+        epilog="example:\n  lightning-mia compare runs/alexnet/version_0 runs/resnet/version_0   "
+               "# -> runs/mia_compare/compare.md")
     parser.add_argument("run_dirs", nargs="+", help="run directories containing mia/history.csv")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--labels", nargs="*", default=None, help="one label per run (default: folder names)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: mia_compare in the runs' common parent folder)")
+    parser.add_argument("--labels", nargs="*", default=None, help="one label per run (default: the folder names)")
     args = parser.parse_args(argv)
+    out = args.out or default_compare_out(args.run_dirs)
     try:
-        path = compare_runs(args.run_dirs, args.out, labels=args.labels)
+        path = compare_runs(args.run_dirs, out, labels=args.labels)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     print(path)

@@ -66,9 +66,12 @@ def safe_name(text: str) -> str:
 
 
 def save_figure(fig, path: str, dpi: int = 100) -> str:
-    """Save ``fig`` as PNG (parent folders created) and return ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=dpi, facecolor="white")
+    """Save ``fig`` as PNG and return ``path``: rendered in memory, then written atomically
+    (:func:`lightning_mia.io.atomic_save_figure`: parent folders created, mode ``0666 & ~umask``, a symlink at
+    ``path`` replaced rather than followed), like every other file of a run."""
+    from lightning_mia.io import atomic_save_figure
+
+    atomic_save_figure(fig, path, format="png", dpi=dpi, facecolor="white")
     return path
 
 
@@ -85,6 +88,15 @@ def _es_label(name: str) -> str:
     if name.startswith("es_patience_"):
         return "ES p=" + name[len("es_patience_"):]
     return "best val." if name == "best_val" else name
+
+
+def _legend_below(fig, axes, handles, labels, ncol: Optional[int] = None) -> None:
+    """One figure legend under the panels (matplotlib >= 3.7 places it outside the constrained layout)."""
+    ncol = ncol or min(len(labels), 6)
+    try:
+        fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
+    except (ValueError, TypeError):  # matplotlib < 3.7: no "outside" locations
+        axes[0].legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=ncol)
 
 
 # ---- training progress -----------------------------------------------------------------------------------------
@@ -153,8 +165,8 @@ def training_progress_figure(
         if len(l) > len(labels):
             handles, labels = h, l
     handles, labels = list(handles) + list(twin_handles.values()), list(labels) + list(twin_handles)
-    if handles:
-        axes[0].legend(handles, labels, fontsize=7, loc="lower left")
+    if handles:  # below the panels: inside one it would hide the early epochs' curves
+        _legend_below(fig, axes, handles, labels)
     fig.suptitle(title or f"Training progress and MI attack — {feature} / {attack}")
     return fig
 
@@ -243,6 +255,24 @@ def roc_figure(
     return fig
 
 
+def _score_axis(scores: np.ndarray) -> Tuple[str, np.ndarray]:
+    """How to draw a score histogram: ``("linear", s)``, ``("log", s)`` or ``("neglog", -s)``.
+
+    Scores spanning more than two decades on one side of zero (losses: the ``loss`` threshold attack scores
+    ``-loss``, most members near 0 and a long tail of large losses) are drawn on a log axis, of ``-score`` when
+    they are all <= 0; everything else on a linear axis.
+    """
+    s = scores[np.isfinite(scores)]
+    if not s.size:
+        return "linear", scores
+    for kind, v in (("log", s), ("neglog", -s)):
+        if (v >= 0).all() and (v > 0).any():
+            pos = v[v > 0]
+            if pos.max() / pos.min() > 100:
+                return kind, scores if kind == "log" else -scores
+    return "linear", scores
+
+
 def score_histogram_figure(
     prediction: PredictionSource,
     feature: str,
@@ -251,24 +281,44 @@ def score_histogram_figure(
     bins: int = 30,
     title: Optional[str] = None,
 ):
-    """Member vs non-member attack-score histograms (evaluation split, density) per slice."""
+    """Member vs non-member attack-score histograms (evaluation split) per slice, as the fraction of each group
+    per bin.
+
+    Scores that span several decades (the ``loss`` threshold attack's ``-loss``) are drawn on a log axis (of
+    ``-score`` when all are <= 0), so the members' near-zero losses do not pile into one bar; exact zeros go to
+    the lowest bin.
+    """
     pred = load_predictions(prediction)
     fig = _figure(4.2 * len(slices), 3.6)
     axes = fig.subplots(1, len(slices), squeeze=False)[0]
+    _, all_scores = eval_scores(pred, feature, attack, "all")
+    kind, _ = _score_axis(all_scores)
+    xlabel = {"linear": "attack score (higher = member)", "log": "attack score (log scale; higher = member)",
+              "neglog": "−score, e.g. the loss (log scale; lower = member)"}[kind]
     for ax, slice_ in zip(axes, slices):
         ax.set_title(SLICE_TITLES.get(slice_, slice_))
-        ax.set_xlabel("attack score (higher = member)")
+        ax.set_xlabel(xlabel)
         y, s = eval_scores(pred, feature, attack, slice_)
         if not len(s):
             _no_data(ax)
             continue
-        edges = np.histogram_bin_edges(s, bins=bins)
+        if kind == "linear":
+            edges = np.histogram_bin_edges(s, bins=bins)
+        else:
+            v = s if kind == "log" else -s
+            pos = v[v > 0]
+            lo, hi = (pos.min(), pos.max()) if pos.size else (1e-12, 1.0)
+            if hi <= lo:
+                lo, hi = lo / 10, hi * 10
+            edges = np.logspace(np.log10(lo), np.log10(hi), bins + 1)
+            s = np.clip(v, lo, hi)  # zeros (and rounding) into the end bins
+            ax.set_xscale("log")
         for mask, color, label in ((y, "tab:red", "members"), (~y, "tab:blue", "non-members")):
             if mask.any():
-                ax.hist(s[mask], bins=edges, color=color, alpha=0.5, density=True,
-                        label=f"{label} (n={int(mask.sum())})")
+                ax.hist(s[mask], bins=edges, color=color, alpha=0.5,
+                        weights=np.full(int(mask.sum()), 1.0 / mask.sum()), label=f"{label} (n={int(mask.sum())})")
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("density")
+    axes[0].set_ylabel("fraction of the group")
     fig.suptitle(title or f"Attack scores — {feature} / {attack}")
     return fig
 

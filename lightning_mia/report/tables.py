@@ -5,19 +5,28 @@ For each (feature, attack, slice) the table has one row per *point* of training:
 - ``es_patience_P`` — where ``EarlyStopping(patience=P)`` would have stopped (from ``early_stopping.json``, or
   recomputed from the history's ``test_loss`` column);
 - ``best_val`` — the epoch with the best monitored validation value (what ES + checkpointing would restore);
-- ``max_leakage`` — the epoch with the highest attack balanced accuracy on that slice;
+- ``max_leakage`` — the epoch with the highest attack balanced accuracy on that slice, among the epochs where the
+  slice holds at least ``min_slice_count`` members and non-members (the misclassified slice late in training holds
+  a handful of members, whose balanced accuracy is noise);
 - ``final`` — the last monitored epoch.
+
+Rows whose slice holds fewer than ``min_slice_count`` members or non-members at that epoch have
+``small_slice = True`` (marked in the markdown tables). Undefined values are NaN (CSV: empty; markdown: "–"):
+see :data:`UNDEFINED_NOTE`.
 
 The MI monitor may run only every N epochs, so a point's epoch may have no history row; the row then uses the
 nearest monitored epoch at or before it and says so in ``monitored_epoch`` (and ``note``).
 
 Example:
     >>> rows = [{"epoch": e, "feature": "loss", "attack": "threshold", "slice": s, "balanced_accuracy": 0.5 + e / 100,
-    ...          "train_acc": 0.6 + e / 50, "test_acc": 0.6, "test_loss": [1.0, 0.8, 0.9, 0.95][e], "n_members": 10}
+    ...          "train_acc": 0.6 + e / 50, "test_acc": 0.6, "test_loss": [1.0, 0.8, 0.9, 0.95][e],
+    ...          "n_members": 5 if s == "misclassified" and e == 3 else 50, "n_nonmembers": 50}
     ...         for e in range(4) for s in ("all", "correct", "misclassified")]
     >>> table = comparison_table(rows, None)   # ES recomputed from test_loss with patiences 3, 5, 10
     >>> [(r["point"], r["epoch"], r["monitored_epoch"]) for r in table if r["slice"] == "all"][-3:]
     [('best_val', 1, 1), ('max_leakage', 3, 3), ('final', 3, 3)]
+    >>> [(r["point"], r["epoch"], r["small_slice"]) for r in table if r["slice"] == "misclassified"][-2:]
+    [('max_leakage', 2, False), ('final', 3, True)]
 """
 from __future__ import annotations
 
@@ -38,7 +47,16 @@ TABLE_COLUMNS = (
     "feature", "attack", "slice", "point", "epoch", "monitored_epoch", "train_acc", "test_acc", "gap",
     "balanced_accuracy", "balanced_accuracy_std", "far", "far_std", "tpr_at_0.1pct_fpr", "auc",
     "n_members", "n_nonmembers", "n_misclassified_members", "note",
+    "n_eval_members", "n_eval_nonmembers", "small_slice",
 )
+#: Default smallest slice (members and non-members each) whose balanced accuracy can be the max-leakage point.
+MIN_SLICE_COUNT = 20
+#: Said once under every table with "–" cells.
+UNDEFINED_NOTE = (
+    "– = undefined: TPR at an FPR budget finer than 1 / (scored non-members) cannot be measured (one false alarm "
+    "already exceeds it; 0.1% FPR needs 1000 scored non-members), and a slice without members or without "
+    "non-members has no balanced accuracy.")
+
 
 
 def combos(history_rows: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]:
@@ -93,8 +111,24 @@ def _at_or_before(epochs: Sequence[int], target: int) -> Optional[int]:
     return max(before) if before else None
 
 
+def slice_size(row: Optional[Mapping[str, Any]]) -> Optional[float]:
+    """The smaller of a history row's member and non-member counts (``None`` when it has neither)."""
+    if not row:
+        return None
+    counts = [_f(row.get(k)) for k in ("n_members", "n_nonmembers")]
+    counts = [c for c in counts if math.isfinite(c)]
+    return min(counts) if counts else None
+
+
+def is_small_slice(row: Optional[Mapping[str, Any]], min_slice_count: int = MIN_SLICE_COUNT) -> bool:
+    """True when the row's slice holds fewer than ``min_slice_count`` members or non-members."""
+    size = slice_size(row)
+    return size is not None and size < min_slice_count
+
+
 def comparison_table(
-    history_rows: Sequence[Mapping[str, Any]], es_results: Optional[Mapping[str, Any]] = None
+    history_rows: Sequence[Mapping[str, Any]], es_results: Optional[Mapping[str, Any]] = None,
+    min_slice_count: int = MIN_SLICE_COUNT,
 ) -> List[Dict[str, Any]]:
     """Rows of the early-stopping comparison (columns :data:`TABLE_COLUMNS`).
 
@@ -102,7 +136,12 @@ def comparison_table(
         history_rows: rows of ``mia/history.csv`` (:func:`lightning_mia.report.history.read_history`).
         es_results: the ``early_stopping.json`` content (:attr:`EarlyStoppingComparison.results`); ``None`` to
             recompute from the history's ``test_loss`` with patiences 3, 5, 10.
+        min_slice_count: the ``max_leakage`` point ignores epochs where the slice holds fewer members or
+            non-members than this (0: every epoch counts); rows below it get ``small_slice = True``.
     """
+    min_slice_count = int(min_slice_count)
+    if min_slice_count < 0:
+        raise ValueError(f"min_slice_count must be >= 0, got {min_slice_count}")
     if es_results is None:
         es_results = es_results_from_history(history_rows)
     # Misclassified member counts per (feature, attack, epoch): the paper's caveat that late in training only a
@@ -130,19 +169,23 @@ def comparison_table(
                 points.append(("best_val", None, None, "no finite validation value"))
             else:
                 points.append(("best_val", int(best), *_resolve(epochs, int(best))))
-            leak = [(by_epoch[e].get("balanced_accuracy"), e) for e in epochs if _finite(by_epoch[e].get(
-                "balanced_accuracy"))]
+            defined = [e for e in epochs if _finite(by_epoch[e].get("balanced_accuracy"))]
+            leak = [(by_epoch[e]["balanced_accuracy"], e) for e in defined
+                    if not is_small_slice(by_epoch[e], min_slice_count)]
             if leak:
                 top = max(_f(v) for v, _ in leak)
                 e_max = min(e for v, e in leak if _f(v) == top)  # first epoch on ties
                 points.append(("max_leakage", e_max, e_max, ""))
+            elif defined:
+                points.append(("max_leakage", None, None, f"no epoch with >= {min_slice_count} members and "
+                                                          "non-members in this slice"))
             else:
                 points.append(("max_leakage", None, None, "balanced accuracy undefined at every epoch"))
             points.append(("final", final, final, ""))
             for point, epoch, monitored, note in points:
                 row = by_epoch.get(monitored) if monitored is not None else None
                 table.append(_table_row(feature, attack, slice_, point, epoch, monitored, note, row,
-                                        n_mis.get((feature, attack, monitored))))
+                                        n_mis.get((feature, attack, monitored)), min_slice_count))
     return table
 
 
@@ -155,7 +198,9 @@ def _resolve(epochs: Sequence[int], target: int) -> Tuple[Optional[int], str]:
     return monitored, ""
 
 
-def _table_row(feature, attack, slice_, point, epoch, monitored, note, row, n_mis) -> Dict[str, Any]:
+def _table_row(feature, attack, slice_, point, epoch, monitored, note, row, n_mis,
+               min_slice_count: int = MIN_SLICE_COUNT) -> Dict[str, Any]:
+    small = is_small_slice(row, min_slice_count)
     row = row or {}
     train, test = _f(row.get("train_acc")), _f(row.get("test_acc"))
     return {
@@ -167,6 +212,8 @@ def _table_row(feature, attack, slice_, point, epoch, monitored, note, row, n_mi
         "tpr_at_0.1pct_fpr": _f(row.get("tpr_at_0.1pct_fpr")), "auc": _f(row.get("auc")),
         "n_members": row.get("n_members"), "n_nonmembers": row.get("n_nonmembers"),
         "n_misclassified_members": n_mis, "note": note,
+        "n_eval_members": _f(row.get("n_eval_members")), "n_eval_nonmembers": _f(row.get("n_eval_nonmembers")),
+        "small_slice": small,
     }
 
 
@@ -205,6 +252,16 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return "–" if math.isnan(value) else f"{value:.{digits}f}"
     return str(value)
+
+
+def slice_cell(row: Mapping[str, Any]) -> str:
+    """The slice name, marked ``(small)`` when the row's slice is below the table's minimum count."""
+    return f"{row.get('slice')} (small)" if row.get("small_slice") else str(row.get("slice"))
+
+
+def has_undefined(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> bool:
+    """True when any of ``keys`` is NaN / missing in any row (the table shows "–" there)."""
+    return any(not _finite(r.get(k)) for r in rows for k in keys)
 
 
 def pm(row: Mapping[str, Any], key: str, digits: int = 3) -> str:

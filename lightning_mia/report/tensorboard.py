@@ -3,9 +3,12 @@
 Every function takes a ``torch.utils.tensorboard.SummaryWriter`` (in Lightning: ``trainer.logger.experiment`` of a
 ``TensorBoardLogger``) and writes into that writer's run directory. Call them on rank zero only.
 
-Tags (docs/design.md §4): scalars ``mia/{feature}/{attack}/{slice}/{metric}`` and ``target/{train,test}_{acc,loss}``
-(written by the monitor); here: the layout that charts them together, ``mia/{feature}/{attack}/scores/member``
-and ``.../nonmember`` histograms.
+Tags (docs/design.md §4): the headline scalars ``mia/{feature}/{attack}/{slice}/{metric}`` (:data:`HEADLINE_METRICS`:
+balanced accuracy, FAR, AUC, TPR at 1% / 0.1% FPR, the slice's member / non-member counts, and any
+``epsilon_lb*``, ``tpr_at_*_lo`` / ``_hi`` and ``*_at_ratio_*`` columns) and ``target/{train,test}_{acc,loss}``;
+with ``log_all_metrics`` every other history column under ``mia_detail/{feature}/{attack}/{slice}/{metric}``
+(:func:`detail_tag`); ``mia/chance`` = 0.5 per audited epoch (the chance line of the custom-scalars charts).
+Here: the layout that charts them, ``mia/{feature}/{attack}/scores/member`` and ``.../nonmember`` histograms.
 
 Example:
     >>> import tempfile
@@ -25,6 +28,36 @@ import numpy as np
 from lightning_mia.layout import SLICES, metric_tag, score_tag, target_tag  # noqa: F401 - re-exported
 
 
+#: The metrics logged under ``mia/{feature}/{attack}/{slice}/{metric}``: what a reader looks for first.
+HEADLINE_METRICS: Tuple[str, ...] = (
+    "balanced_accuracy", "far", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "n_members", "n_nonmembers")
+#: Headline columns that exist only with some options: empirical epsilon lower bounds, confidence intervals of
+#: TPR at low FPR, and the metrics at the member:non-member ratios of ``eval_ratios``.
+_HEADLINE_PATTERNS = (
+    re.compile(r"epsilon_lb\w*$"),
+    re.compile(r"tpr_at_[\d.]+pct_fpr$"),
+    re.compile(r"tpr_at_[\w.]+_(lo|hi)$"),
+    re.compile(r"(balanced_accuracy|far|precision)_at_ratio_[\d.e+-]+$"),
+)
+#: Prefix of every other metric (``log_all_metrics``): ``zeror_*``, ``naive_*``, ``*_std``, precision/recall, ...
+DETAIL_PREFIX = "mia_detail"
+#: A constant 0.5 logged once per audited epoch: the chance line drawn in every custom-scalars chart.
+CHANCE_TAG = "mia/chance"
+CHANCE = 0.5
+
+
+def is_headline_metric(name: str) -> bool:
+    """True for the metrics logged under ``mia/`` (:data:`HEADLINE_METRICS` and the optional headline columns)."""
+    if name in HEADLINE_METRICS:
+        return True
+    return not name.endswith("_std") and any(p.match(name) for p in _HEADLINE_PATTERNS)
+
+
+def detail_tag(feature: str, attack: str, slice_: str, metric: str) -> str:
+    """Scalar tag of a secondary metric: ``mia_detail/{feature}/{attack}/{slice}/{metric}``."""
+    return f"{DETAIL_PREFIX}/{feature}/{attack}/{slice_}/{metric}"
+
+
 def _exact(tag: str) -> str:
     # Custom-scalars chart entries are regexes matched with re.match; anchor and escape so that e.g. ".../far"
     # does not also pull in ".../far_std" and feature names with regex characters stay literal.
@@ -34,21 +67,32 @@ def _exact(tag: str) -> str:
 def custom_scalars_layout(
     combos: Sequence[Tuple[str, str]], slices: Sequence[str] = SLICES
 ) -> Dict[str, Dict[str, list]]:
-    """The layout dict for ``SummaryWriter.add_custom_scalars``: per feature/attack a category with one chart per
-    slice (balanced accuracy + FAR), and a ``target`` category (train/test accuracy; train/test loss)."""
+    """The layout dict for ``SummaryWriter.add_custom_scalars``.
+
+    Per feature/attack a category with, for each slice, a balanced-accuracy chart and a FAR chart (side by side
+    in TensorBoard's two-column grid), each with the chance line ``mia/chance``. TensorBoard colors the lines
+    of a chart by run, not by tag, so balanced accuracy and FAR get charts of their own rather than two
+    same-colored lines in one. And a ``target`` category (train/test accuracy; train/test loss).
+    """
+    chance = _exact(CHANCE_TAG)
     layout: Dict[str, Dict[str, list]] = {}
     for feature, attack in combos:
-        layout[f"MIA {feature} / {attack}"] = {
-            f"{feature}/{attack} {s}: balanced accuracy & FAR": [
-                "Multiline", [_exact(metric_tag(feature, attack, s, "balanced_accuracy")),
-                              _exact(metric_tag(feature, attack, s, "far"))]]
-            for s in slices
-        }
+        charts: Dict[str, list] = {}
+        for s in slices:
+            for metric, name in (("balanced_accuracy", "balanced accuracy"), ("far", "FAR")):
+                charts[f"{feature}/{attack} {s}: {name}"] = [
+                    "Multiline", [_exact(metric_tag(feature, attack, s, metric)), chance]]
+        layout[f"MIA {feature} / {attack}"] = charts
     layout["target"] = {
         "train / test accuracy": ["Multiline", [_exact(target_tag("train_acc")), _exact(target_tag("test_acc"))]],
         "train / test loss": ["Multiline", [_exact(target_tag("train_loss")), _exact(target_tag("test_loss"))]],
     }
     return layout
+
+
+def add_chance_line(writer, epoch: int) -> None:
+    """Log ``mia/chance`` = 0.5 at ``epoch`` (call once per audited epoch)."""
+    writer.add_scalar(CHANCE_TAG, CHANCE, int(epoch))
 
 
 def add_custom_scalars_layout(writer, combos: Sequence[Tuple[str, str]], slices: Sequence[str] = SLICES) -> None:
