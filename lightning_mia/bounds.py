@@ -61,14 +61,19 @@ def _check_confidence(confidence: float) -> float:
     return c
 
 
-def _check_delta(delta: float) -> float:
+def _check_unit(name: str, value: Any) -> float:
+    """A number in [0, 1] (a rate or a delta)."""
     try:
-        d = float(delta)
+        v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"delta must be a number in [0, 1], got {delta!r}") from None
-    if not (0.0 <= d <= 1.0):
-        raise ValueError(f"delta must be in [0, 1], got {delta!r}")
-    return d
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    if not (0.0 <= v <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return v
+
+
+def _check_delta(delta: float) -> float:
+    return _check_unit("delta", delta)
 
 
 def _as_count_array(x: Any, name: str) -> np.ndarray:
@@ -249,12 +254,7 @@ def tpr_at_fpr_interval(y_true: Any, scores: Any, fpr: float, confidence: float 
     """
     y, s = _binary_labels_and_scores(y_true, scores)
     c = _check_confidence(confidence)
-    try:
-        f = float(fpr)
-    except (TypeError, ValueError):
-        raise ValueError(f"fpr must be a number in [0, 1], got {fpr!r}") from None
-    if not (0.0 <= f <= 1.0):
-        raise ValueError(f"fpr must be in [0, 1], got {fpr!r}")
+    f = _check_unit("fpr", fpr)
     n1 = int(y.sum())
     n0 = int(y.size - n1)
     out: Dict[str, Any] = {

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_mia.validation import check_bool, check_choice
+from lightning_mia.validation import check_bool, check_choice, coerce_config
 
 __all__ = ["ACCOUNTANTS", "DPConfig", "DPSGD", "check_dp_compatible", "require_opacus"]
 
@@ -123,15 +123,7 @@ class DPConfig:
     @classmethod
     def coerce(cls, value: Union["DPConfig", Mapping[str, Any], None]) -> Optional["DPConfig"]:
         """``None``, a :class:`DPConfig`, or a mapping of its fields (what checkpoints store) -> a DPConfig or None."""
-        if value is None or isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping):
-            allowed = [f.name for f in dataclasses.fields(cls)]
-            unknown = sorted(set(value) - set(allowed))
-            if unknown:
-                raise ValueError(f"unknown DP option(s) {unknown}; allowed: {allowed}")
-            return cls(**dict(value))
-        raise ValueError(f"dp must be None, a DPConfig or a mapping of its fields, got {type(value).__name__}")
+        return coerce_config(cls, value, "DP", "{'noise_multiplier': 1.0, 'max_grad_norm': 1.0}")
 
     def to_dict(self) -> Dict[str, Any]:
         """The fields as plain types (what the module's hyper-parameters and checkpoints hold)."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from lightning_mia import layout as L
 from lightning_mia.io import atomic_write_bytes
-from lightning_mia.report.history import append_rows, truncate_history
+from lightning_mia.report.history import append_rows, drop_tensorboard_steps, expected_audit_epochs, resume_history
 
 #: Audits between two renders of the per-audit pictures (exposed samples, ROC); the last audit always gets them.
 IMAGE_EVERY = 5
@@ -131,8 +131,10 @@ class RunWriter:
     """
 
     def __init__(self, run_dir: str, loggers: Sequence[Any] = (), log_histograms: bool = True,
-                 save_predictions: bool = False, exposed_top_k: int = 0, log_all_metrics: bool = False) -> None:
+                 save_predictions: bool = False, exposed_top_k: int = 0, log_all_metrics: bool = False,
+                 every_n_epochs: int = 1) -> None:
         self.layout = L.RunLayout(run_dir)
+        self.every_n_epochs = int(every_n_epochs)
         self.loggers = list(loggers)
         self.log_histograms, self.save_predictions = log_histograms, save_predictions
         self.exposed_top_k = int(exposed_top_k)
@@ -146,10 +148,17 @@ class RunWriter:
 
     # -- run start ------------------------------------------------------------------------------------------
     def start(self, pool: Any, resume_from_epoch: Optional[int] = None) -> None:
-        """Create ``mia/``, drop history rows a killed run wrote after the checkpoint, save the audit pool."""
+        """Create ``mia/``; on resume check the history (garbage is refused, a torn last row and lost epochs are
+        warned about) and drop what a killed run wrote after the checkpoint (history rows, TensorBoard steps); save
+        the audit pool."""
         os.makedirs(self.layout.mia, exist_ok=True)
         if resume_from_epoch is not None:
-            truncate_history(self.layout.history, resume_from_epoch)
+            audited = expected_audit_epochs(resume_from_epoch - 1, self.every_n_epochs)
+            for message in resume_history(self.layout.history, resume_from_epoch, audited):
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            for logger in self.loggers:
+                if is_tensorboard_logger(logger):
+                    drop_tensorboard_steps(logger.log_dir, resume_from_epoch)
         pool.save(self.layout.audit_json)
 
     # -- one audit ------------------------------------------------------------------------------------------

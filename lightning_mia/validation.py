@@ -64,3 +64,20 @@ def as_float(x: Any) -> float:
 def is_finite(x: Any) -> bool:
     """True for a real, finite number (NaN, inf, ``None`` and text are not)."""
     return math.isfinite(as_float(x))
+
+
+def coerce_config(cls: Any, value: Any, what: str, example: str) -> Any:
+    """``None``, an instance of the dataclass ``cls``, or a mapping of its fields (YAML, checkpoints) -> an instance
+    or ``None``; unknown keys are refused naming the allowed ones."""
+    import dataclasses
+    from collections.abc import Mapping
+
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown {what} option(s) {unknown}; allowed: {allowed}")
+        return cls(**dict(value))
+    raise ValueError(f"{what} must be None, a {cls.__name__} or a mapping like {example}, got {type(value).__name__}")

@@ -12,14 +12,14 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_warn
 
-from lightning_mia.audit import DEFAULT_RATIO, AuditPool, check_nonmembers_unseen, make_audit_pool, validate_audit_pool
+from lightning_mia.audit import DEFAULT_RATIO, AuditPool, make_audit_pool
 from lightning_mia.auditor import CANARY_SOURCE, Auditor, AuditResult
 from lightning_mia.callbacks.paths import audit_datasets, run_dir
 from lightning_mia.data.canaries import canaries_of
 from lightning_mia.callbacks.references import POPULATION_SOURCE, ReferenceModels, ReferenceTrainer
 from lightning_mia.extraction import check_item, extract_sharded
+from lightning_mia.fingerprint import AuditResume
 from lightning_mia.membership import MembershipData
 from lightning_mia.protocols import AttackProtocol, build_protocol
 from lightning_mia.report.console import audit_summary, print_line
@@ -59,7 +59,7 @@ class MembershipInferenceMonitor(Callback):
         log_histograms: TensorBoard histograms of member / non-member scores.
         report_at_end: write ``mia/report.md`` and figures when fitting ends.
         verbose: print a summary line per audit and a progress bar for long extractions.
-        ood_sources: out-of-distribution non-members (``gaussian``, ``rotated``, ``inverted``, ``{name: dataset,
+        ood_sources: out-of-distribution non-members; known: gaussian, rotated, inverted, dataset (``{name: dataset,
             datamodule: {name: fashion_mnist}}``): their FAR is logged as ``mia/{feature}/{attack}/ood_{source}/far``.
         ood_samples: samples per OOD source.
         calibrate: feature tags to also attack difficulty-calibrated, as ``{tag}_calibrated`` = value now minus
@@ -73,6 +73,8 @@ class MembershipInferenceMonitor(Callback):
             TensorBoard image grid when the data can be shown); 0: off.
         canary_guesses: "in" and "out" guesses each of the one-run audit when the datamodule has canaries
             (``canary_dataset()`` / ``canary_inclusion()``); default a tenth of the canaries each.
+        log_all_metrics: also send every secondary metric (baselines, ``*_std``, precision/recall, counts) to the
+            loggers under ``mia_detail/...``; by default only the headline metrics (``history.csv`` keeps all).
         reference_models: train K reference models alongside the target (:class:`ReferenceModels`, e.g.
             ``{count: 8, mode: online}``) for the reference-model attacks ``lira`` and ``rmia``.
 
@@ -113,6 +115,7 @@ class MembershipInferenceMonitor(Callback):
         reference_models: Optional[ReferenceModels] = None,
         exposed_top_k: int = 16,
         canary_guesses: Optional[int] = None,
+        log_all_metrics: bool = False,
     ) -> None:
         super().__init__()
         from lightning_mia.attacks import ATTACKS
@@ -132,6 +135,7 @@ class MembershipInferenceMonitor(Callback):
         self.report_at_end = check_bool("report_at_end", report_at_end)
         self.verbose = check_bool("verbose", verbose)
         self.check_overlap = check_bool("check_overlap", check_overlap)
+        self.log_all_metrics = check_bool("log_all_metrics", log_all_metrics)
         if (member_dataset is None) != (nonmember_dataset is None):
             raise ValueError("Pass both member_dataset and nonmember_dataset, or neither")
         if audit_file is not None and not os.path.isfile(audit_file):
@@ -159,7 +163,7 @@ class MembershipInferenceMonitor(Callback):
         self._feature_objs: Dict[str, Any] = {}
         self._ood: Dict[str, Any] = {}
         self._writer: Optional[RunWriter] = None
-        self._seen_epoch, self._held = -1, {}
+        self._seen_epoch, self._held, self._resume = -1, {}, AuditResume()
         self._canaries: Optional[Tuple[Any, np.ndarray]] = None
         #: wall time of each audit on this rank: extraction (incl. gather), attacks (incl. broadcast), writing
         self.timings: List[Dict[str, float]] = []
@@ -173,8 +177,11 @@ class MembershipInferenceMonitor(Callback):
     def state_dict(self) -> Dict[str, Any]:
         # plain Python types only: LightningCLI resumes with torch.load(weights_only=True)
         return {"pool": None if self.pool is None else self.pool.to_dict(), "last_epoch": self.last_epoch,
-                "seed": self.seed, **self.auditor.state_dict(),
+                "seed": self.seed, "fingerprint": self._resume.current, **self.auditor.state_dict(),
                 "references": None if self._refs is None else self._refs.state_dict()}
+
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: Any) -> None:
+        self._resume.on_load_checkpoint(checkpoint, self.state_key)  # also finds a state filed under another key
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if state_dict.get("pool") is not None:
@@ -203,12 +210,8 @@ class MembershipInferenceMonitor(Callback):
         if self.pool is None:
             self.pool = make_audit_pool(len(members), len(nonmembers), self.n_members, self.n_nonmembers, self.ratio,
                                         self.seed)
-        validate_audit_pool(self.pool, len(members), len(nonmembers))
-        if self.check_overlap:  # on every rank: an error raised on one rank only would deadlock the others
-            n_seen = check_nonmembers_unseen(members, nonmembers, self.pool.nonmember_positions)
-            if n_seen:
-                rank_zero_warn(f"{n_seen} audit non-members are identical to training samples (duplicates across "
-                               "the data set's splits); they count as non-members")
+        # every rank: range, overlap and label checks, the samples' index values, the audit's fingerprint
+        self._resume.seal(self, self.pool, members, nonmembers, trainer, pl_module)
         self._feature_objs = self.auditor.build_features()
         from lightning_mia.ood import build_ood_source
 
@@ -218,7 +221,10 @@ class MembershipInferenceMonitor(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._skip_run(trainer):
             return
+        self._resume.resolve(self, trainer, run_dir(trainer, self.dirpath))  # every rank: continue, fresh or raise
         if self._refs is not None:  # after the module's own setup built its network: the references copy it
+            if not self._resumed:  # a fresh audit: no reference state from a checkpoint of another audit
+                self._refs = ReferenceTrainer(self._refs.config, self.seed)
             self._refs.setup(trainer, pl_module, *self._datasets(trainer), self.pool)
         if trainer.global_rank != 0:
             return
@@ -307,7 +313,8 @@ class MembershipInferenceMonitor(Callback):
     def _run_writer(self, trainer: "pl.Trainer") -> RunWriter:
         if self._writer is None:
             self._writer = RunWriter(run_dir(trainer, self.dirpath), trainer.loggers, self.log_histograms,
-                                     self.save_predictions, self.exposed_top_k)
+                                     self.save_predictions, self.exposed_top_k, log_all_metrics=self.log_all_metrics,
+                                     every_n_epochs=self.every_n_epochs)
         return self._writer
 
     def _datasets(self, trainer: "pl.Trainer") -> Tuple[Any, Any]:

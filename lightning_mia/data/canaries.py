@@ -29,7 +29,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from lightning_mia.validation import check_int
+from lightning_mia.validation import check_int, coerce_config
 
 __all__ = ["CanaryConfig", "draw_canaries"]
 
@@ -65,16 +65,7 @@ class CanaryConfig:
     @classmethod
     def coerce(cls, value: Union["CanaryConfig", Mapping[str, Any], None]) -> Optional["CanaryConfig"]:
         """``None``, a :class:`CanaryConfig` or a mapping of its fields -> a CanaryConfig or None."""
-        if value is None or isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping):
-            allowed = [f.name for f in dataclasses.fields(cls)]
-            unknown = sorted(set(value) - set(allowed))
-            if unknown:
-                raise ValueError(f"unknown canaries option(s) {unknown}; allowed: {allowed}")
-            return cls(**dict(value))
-        raise ValueError(f"canaries must be None, a CanaryConfig or a mapping like {{'count': 1000}}, "
-                         f"got {type(value).__name__}")
+        return coerce_config(cls, value, "canaries", "{'count': 1000}")
 
     def to_dict(self) -> Dict[str, Any]:
         """The fields as plain types (what the datamodule's checkpoint hyper-parameters hold)."""

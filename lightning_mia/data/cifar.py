@@ -91,7 +91,12 @@ def _parse_batch(batch: Dict[bytes, Any], label_key: bytes, num_classes: int, wh
         if key not in batch:
             raise CorruptDataError(f"{where} has no {key!r} entry (keys: {sorted(batch)}). {hint}")
     data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[label_key])
+    try:
+        labels = np.asarray(batch[label_key])
+    except (ValueError, TypeError) as err:  # ragged / nested lists
+        raise CorruptDataError(
+            f"{where}: {label_key.decode()} is not a flat list of integers ({err}). {hint}"
+        ) from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _IMAGE_BYTES:
         raise CorruptDataError(
             f"{where}: b'data' must be a uint8 array (N, {_IMAGE_BYTES}), got {data.dtype} {data.shape}. {hint}"
@@ -100,11 +105,33 @@ def _parse_batch(batch: Dict[bytes, Any], label_key: bytes, num_classes: int, wh
         raise CorruptDataError(
             f"{where}: count mismatch, {data.shape[0]} images but {labels.size} {label_key.decode()}. {hint}"
         )
+    if labels.size and (labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer)):
+        # floats would be truncated to other classes by astype(int64), strings compared as text
+        bad = next((v for v in labels.reshape(-1).tolist() if isinstance(v, bool) or not isinstance(v, int)), None)
+        raise CorruptDataError(
+            f"{where}: {label_key.decode()} must be integers, got {labels.dtype} values (e.g. {bad!r}). {hint}"
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise CorruptDataError(
             f"{where}: labels must be in 0..{num_classes - 1}, found {int(labels.min())}..{int(labels.max())}. {hint}"
         )
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _regular_member(tar: tarfile.TarFile, name: str, path: Path, hint: str) -> bytes:
+    """The bytes of a regular-file member; links and other kinds are refused (extracting a link follows it to
+    another member, or fails with a bare KeyError when its target is not in the archive)."""
+    info = tar.getmember(name)
+    if not info.isreg():
+        kind = ("a symbolic link" if info.issym() else "a hard link" if info.islnk() else
+                "a directory" if info.isdir() else "not a regular file")
+        to = f" (to {info.linkname!r})" if info.issym() or info.islnk() else ""
+        raise CorruptDataError(f"{path}: member {name} is {kind}{to}, not a regular file: the CIFAR archive must hold "
+                               f"the batch files themselves. {hint}")
+    f = tar.extractfile(info)
+    if f is None:  # pragma: no cover - isreg() members always extract
+        raise CorruptDataError(f"{path}: member {name} is not a regular file. {hint}")
+    return f.read()
 
 
 def _read_members(dataset: str, data_dir: Path) -> Tuple[Dict[str, bytes], str]:
@@ -136,14 +163,10 @@ def _read_members(dataset: str, data_dir: Path) -> Tuple[Dict[str, bytes], str]:
                 name = names.get(f"{folder}/{m}")
                 if name is None:
                     raise CorruptDataError(f"{path} has no member {folder}/{m}. {hint}")
-                f = tar.extractfile(name)
-                if f is None:
-                    raise CorruptDataError(f"{path}: member {folder}/{m} is not a regular file. {hint}")
-                out[m] = f.read()
+                out[m] = _regular_member(tar, name, path, hint)
             meta_name = names.get(f"{folder}/{meta}")
-            meta_file = tar.extractfile(meta_name) if meta_name is not None else None
-            if meta_file is not None:
-                out[meta] = meta_file.read()
+            if meta_name is not None and tar.getmember(meta_name).isreg():  # optional: a link there is ignored
+                out[meta] = _regular_member(tar, meta_name, path, hint)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise CorruptDataError(
             f"{path} is not a readable tar.gz archive (corrupt or truncated: {err}). {hint}"
