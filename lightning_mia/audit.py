@@ -413,11 +413,9 @@ def _item_bytes(dataset: Any, positions: np.ndarray) -> List[bytes]:
         x = tensors()[0]
         x = x.reshape(len(x), -1).cpu().numpy()
         return [x[int(p)].tobytes() for p in positions]
-    out = []
-    for p in positions:
-        x = dataset[int(p)][0]
-        out.append(np.ascontiguousarray(x.cpu().numpy() if hasattr(x, "cpu") else np.asarray(x)).tobytes())
-    return out
+    from lightning_mia.compat import input_bytes  # tensors: their raw bytes, as before; dicts/tuples: by content
+
+    return [input_bytes(dataset[int(p)][0]) for p in positions]
 
 
 def sample_digests(dataset: Any, positions: Optional[np.ndarray] = None) -> List[bytes]:

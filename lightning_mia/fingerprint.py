@@ -125,6 +125,10 @@ def _bulk(dataset: Any, attr: str) -> Optional[np.ndarray]:
 
 def _input_bytes(dataset: Any, p: int) -> bytes:
     x = dataset[int(p)][0]
+    if not hasattr(x, "detach") and not isinstance(x, np.ndarray):  # dict / tuple inputs (token ids, ...)
+        from lightning_mia.compat import input_bytes
+
+        return input_bytes(x)
     x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
     return np.ascontiguousarray(x, dtype=np.float32).tobytes()
 
@@ -339,7 +343,7 @@ class AuditResume:
         if getattr(monitor, "check_overlap", True):  # on every rank: an error on one rank only would deadlock
             n_seen = check_nonmembers_unseen(members, nonmembers, pool.nonmember_positions)
             if n_seen:
-                from pytorch_lightning.utilities import rank_zero_warn
+                from lightning_mia.compat import rank_zero_warn
 
                 rank_zero_warn(f"{n_seen} audit non-members are identical to training samples (duplicates across "
                                "the data set's splits); they count as non-members")

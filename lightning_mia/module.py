@@ -1,22 +1,33 @@
 """``ImageClassifier``: the target model as a LightningModule (model by name, optimizer and LR schedule from config,
-optionally trained with DP-SGD)."""
+optionally trained with DP-SGD).
+
+The implementation is :class:`ImageClassifierMixin`, which has no Lightning base class; each Lightning package gets
+its concrete class (a LightningModule belongs to exactly one package, see :mod:`lightning_mia.compat`):
+``lightning_mia.module.ImageClassifier`` here (``pytorch_lightning``, or ``lightning.pytorch`` when only that is
+installed) and ``lightning_mia.lightning.ImageClassifier`` (``lightning.pytorch``).
+"""
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from lightning_mia.compat import namespace, namespace_of
 from lightning_mia.dp import DPSGD, DPConfig, check_dp_compatible
+
+pl = namespace()  # the default Lightning package (pytorch_lightning when installed)
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("none", "step", "multistep", "cosine")
 
 
-class ImageClassifier(pl.LightningModule):
-    """A classifier whose network comes from the model registry.
+class ImageClassifierMixin:
+    """A classifier whose network comes from the model registry (the implementation of :class:`ImageClassifier`;
+    combine it with a LightningModule base class of either Lightning package).
 
     Logs per epoch ``train_loss``, ``train_acc`` (running, training mode) and ``val_loss``, ``val_acc`` (held-out
     split); the accuracies are ``torchmetrics`` metrics, exact over the epoch and synchronised under DDP.
@@ -85,7 +96,11 @@ class ImageClassifier(pl.LightningModule):
         if input_shape is not None and len(tuple(input_shape)) != 3:
             raise ValueError(f"input_shape must be (C, H, W), got {input_shape}")
         self.dp: Optional[DPConfig] = DPConfig.coerce(dp)
-        self.save_hyperparameters()
+        self._save_init_hyperparameters(inspect.currentframe(), model=model, model_kwargs=model_kwargs,
+                                        num_classes=num_classes, input_shape=input_shape, optimizer=optimizer, lr=lr,
+                                        momentum=momentum, weight_decay=weight_decay, betas=betas,
+                                        nesterov=nesterov, scheduler=scheduler, step_size=step_size,
+                                        milestones=milestones, gamma=gamma, dp=dp)
         # plain types in checkpoints (LightningCLI resumes with torch.load(weights_only=True))
         self.hparams["dp"] = None if self.dp is None else self.dp.to_dict()
         #: the accountant's epsilon at the end of every training epoch (DP-SGD only; kept across resumes)
@@ -95,6 +110,21 @@ class ImageClassifier(pl.LightningModule):
         self.net: Optional[torch.nn.Module] = None
         if num_classes is not None and input_shape is not None:
             self.build_network(num_classes, tuple(input_shape))
+
+    def _save_init_hyperparameters(self, frame: Any, **own: Any) -> None:
+        """``save_hyperparameters()`` as Lightning does it, for a mixin: this class's arguments plus those of every
+        subclass ``__init__`` on the call stack (Lightning's own frame walk only starts at a subclass of its
+        ``HyperparametersMixin``, which this mixin is not)."""
+        ns = namespace_of(self) or "pytorch_lightning"
+        mixin = importlib.import_module(ns + ".core.mixins").HyperparametersMixin
+        collect = importlib.import_module(ns + ".utilities.parsing").collect_init_args
+        hparams = dict(own)
+        caller = frame.f_back if frame is not None else None
+        if caller is not None:
+            for args in collect(caller, [], inside=True, classes=(mixin,)):
+                hparams.update(args)
+        self.save_hyperparameters(hparams)  # type: ignore[attr-defined]
+        self._hparams_name = "kwargs"  # as the argument-less call records it (checkpoints load the same way)
 
     def build_network(self, num_classes: int, input_shape: Tuple[int, int, int]) -> None:
         """Build the network for ``num_classes`` and ``input_shape`` (``setup`` does it from the datamodule)."""
@@ -261,3 +291,7 @@ class ImageClassifier(pl.LightningModule):
         self._dp_restored = dict(state)
         if self._dp_engine is not None:
             self._dp_engine.load_state_dict(state)
+
+
+class ImageClassifier(ImageClassifierMixin, pl.LightningModule):
+    __doc__ = ImageClassifierMixin.__doc__

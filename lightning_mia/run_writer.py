@@ -75,7 +75,7 @@ def _warn_if_hparams_hidden(loggers: Sequence[Any]) -> None:
     starts, hides the audit's (written when fitting ends) unless the logger has ``default_hp_metric=False``."""
     for logger in loggers:
         if is_tensorboard_logger(logger) and getattr(logger, "_default_hp_metric", False):
-            from pytorch_lightning.utilities import rank_zero_warn
+            from lightning_mia.compat import rank_zero_warn
 
             rank_zero_warn("TensorBoardLogger(default_hp_metric=True) writes its own HParams entry (hp_metric = -1) "
                            "first, and TensorBoard then hides the audit's end-of-fit HParams entry; pass "
@@ -163,13 +163,15 @@ class RunWriter:
 
     # -- one audit ------------------------------------------------------------------------------------------
     def write(self, result: Any, slices: Sequence[str] = L.SLICES, datasets: Optional[Sequence[Any]] = None,
-              class_names: Optional[Sequence[str]] = None) -> None:
-        """History rows, logger scalars (step = epoch), TensorBoard extras and, when enabled, predictions and the
-        most exposed samples (pictures from ``datasets`` = (members, non-members) when they can be shown)."""
+              class_names: Optional[Sequence[str]] = None, step: Optional[int] = None) -> None:
+        """History rows, logger scalars, TensorBoard extras and, when enabled, predictions and the most exposed
+        samples (pictures from ``datasets`` = (members, non-members) when they can be shown). The scalars go to
+        TensorBoard at step = epoch and to every other logger at ``step`` (the trainer's, with ``epoch``
+        alongside; :mod:`lightning_mia.logging_axis`); without ``step`` all at step = epoch."""
+        from lightning_mia.logging_axis import log_audit_metrics
+
         self.write_rows(result)
-        metrics = metrics_of(result, self.log_all_metrics)
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=result.epoch)
+        log_audit_metrics(self.loggers, metrics_of(result, self.log_all_metrics), result.epoch, step)
         self._tensorboard_extras(result, slices)
         if self.save_predictions:
             self.write_predictions(result)

@@ -89,7 +89,7 @@ def test_imports_go_downwards(lower, upper):
 
 
 def test_the_callback_is_thin():
-    assert len((PKG / "callbacks" / "monitor.py").read_text().splitlines()) <= 320  # about 300
+    assert len((PKG / "callbacks" / "monitor.py").read_text().splitlines()) <= 330  # about 300 (the issue-12 core), plus the options later issues added
 
 
 def test_monitor_help_names_every_feature_and_attack():

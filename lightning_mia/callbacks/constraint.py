@@ -12,8 +12,8 @@ import math
 from typing import Any, Literal, Optional
 
 import torch
-from pytorch_lightning.callbacks import Callback
 
+from lightning_mia.compat import Callback
 from lightning_mia.validation import check_choice
 
 

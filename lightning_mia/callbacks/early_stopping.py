@@ -7,12 +7,10 @@ import json
 import os
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
-from lightning_mia.callbacks.paths import run_dir
+from lightning_mia.callbacks.paths import resolve_run_dir, run_dir
+from lightning_mia.compat import Callback, rank_zero_warn
 from lightning_mia.io import atomic_write_text
 from lightning_mia.layout import EARLY_STOPPING_JSON, RunLayout
 from lightning_mia.stopping import DEFAULT_PATIENCES, MODES, early_stopping_results, would_stop  # noqa: F401
@@ -35,7 +33,9 @@ class EarlyStoppingComparison(Callback):
         stop_training: also stop training with the first patience.
         check_finite: a NaN/inf value counts as a stop, as in Lightning.
         strict: raise if ``monitor`` is missing after a validation run (otherwise warn once and skip).
-        dirpath: where ``early_stopping.json`` goes; default ``{logger.log_dir}/mia``.
+        dirpath: where ``early_stopping.json`` goes; default ``{run_dir}/mia``, the monitor's run directory
+            (:mod:`lightning_mia.callbacks.paths`: the logger's ``log_dir``, else ``mia_runs/version_N``; a resumed
+            run reuses the one its checkpoint recorded).
 
     Files (rank zero only, atomic): ``{dirpath}/early_stopping.json`` = :func:`early_stopping_results` plus
     ``source``, ``stop_training``, ``stopped_epoch`` and ``last_epoch``.
@@ -87,6 +87,9 @@ class EarlyStoppingComparison(Callback):
         self.stopped_epoch: Optional[int] = None
         self._last_epoch: Optional[int] = None
         self._warned = False
+        #: the run directory (resolved at train start); a resumed run reuses its checkpoint's
+        self._run_dir: Optional[str] = None
+        self._previous_run_dir: Optional[str] = None
 
     # ---- Lightning state -------------------------------------------------------------------------------------
     @property
@@ -95,13 +98,14 @@ class EarlyStoppingComparison(Callback):
 
     def state_dict(self) -> Dict[str, Any]:
         return {"records": [dict(r) for r in self._records], "dtype": self._dtype,
-                "stopped_epoch": self.stopped_epoch, "last_epoch": self._last_epoch}
+                "stopped_epoch": self.stopped_epoch, "last_epoch": self._last_epoch, "run_dir": self._run_dir}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._records = [dict(r) for r in state_dict.get("records", [])]
         self._dtype = state_dict.get("dtype", "float32")
         self.stopped_epoch = state_dict.get("stopped_epoch")
         self._last_epoch = state_dict.get("last_epoch")
+        self._previous_run_dir = state_dict.get("run_dir")
 
     # ---- results ---------------------------------------------------------------------------------------------
     @property
@@ -121,9 +125,15 @@ class EarlyStoppingComparison(Callback):
     # ---- hooks -----------------------------------------------------------------------------------------------
     @staticmethod
     def _should_skip(trainer: "pl.Trainer") -> bool:
-        from pytorch_lightning.trainer.states import TrainerFn
+        # TrainerFn is a str enum in both Lightning packages: "fit" compares equal to either one's FITTING
+        return trainer.state.fn != "fit" or trainer.sanity_checking or bool(trainer.fast_dev_run)
 
-        return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if bool(trainer.fast_dev_run):
+            return
+        # every rank runs this hook: the run directory is decided (and, under DDP, broadcast) here
+        if self.dirpath is None:
+            self._run_dir = resolve_run_dir(trainer, None, self._previous_run_dir)
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._should_skip(trainer):
@@ -149,7 +159,7 @@ class EarlyStoppingComparison(Callback):
             if self.strict:
                 raise RuntimeError(msg)
             if not self._warned:
-                rank_zero_warn(msg, category=RuntimeWarning)
+                rank_zero_warn(msg, trainer, category=RuntimeWarning)
                 self._warned = True
             return
         value = torch.as_tensor(value).detach().squeeze()  # already synced across ranks by Lightning's logging
@@ -174,7 +184,9 @@ class EarlyStoppingComparison(Callback):
     def _directory(self, trainer: "pl.Trainer") -> str:
         if self.dirpath is not None:
             return self.dirpath
-        return RunLayout(run_dir(trainer)).mia  # not trainer.log_dir: a collective (deadlock on rank zero only)
+        # not trainer.log_dir: a collective (deadlock on rank zero only)
+        self._run_dir = run_dir(trainer, None, self._previous_run_dir)
+        return RunLayout(self._run_dir).mia
 
     def _write(self, trainer: "pl.Trainer") -> None:
         path = os.path.join(self._directory(trainer), EARLY_STOPPING_JSON)

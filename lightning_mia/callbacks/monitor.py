@@ -10,12 +10,11 @@ import time
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 
 from lightning_mia.audit import DEFAULT_RATIO, AuditPool, make_audit_pool
 from lightning_mia.auditor import CANARY_SOURCE, Auditor, AuditResult
-from lightning_mia.callbacks.paths import audit_datasets, run_dir
+from lightning_mia.callbacks.paths import audit_datasets, interrupt_hint, resolve_run_dir, run_dir
+from lightning_mia.compat import Callback, lightning_step, rank_zero_info
 from lightning_mia.data.canaries import canaries_of
 from lightning_mia.callbacks.references import POPULATION_SOURCE, ReferenceModels, ReferenceTrainer
 from lightning_mia.extraction import check_item, extract_sharded
@@ -45,30 +44,25 @@ class MembershipInferenceMonitor(Callback):
             trajectory (options: ``lightning_mia.features``).
         attacks: names or ``{"name": ..., "tag": ..., **options}``: threshold, logistic_regression, mlp,
             random_forest, xgboost, and lira, rmia (with ``reference_models``; options: ``lightning_mia.attacks``).
-        protocol: how attacks are fitted and scored: a :class:`~lightning_mia.protocols.StandardProtocol`
-            (repeated stratified splits; the default), a :class:`~lightning_mia.protocols.PaperProtocol` (the
+        protocol: a :class:`~lightning_mia.protocols.StandardProtocol` (the default), a ``PaperProtocol`` (the
             authors' per-class protocol), or the name ``standard`` / ``paper`` for one with its defaults.
-        n_members: members in the audit pool, an integer (default: as many as the data allows at ``ratio``:1).
-        n_nonmembers: held-out non-members in the audit pool, an integer (default: likewise).
+        n_members, n_nonmembers: audit-pool sizes, integers (default: as many as the data allows at ``ratio``:1).
         ratio: members per non-member in the default pool (the paper's 5:1), a finite number > 0.
         seed: seeds the audit pool, and the protocol when its own ``seed`` is ``None``.
         save_predictions: write ``mia/predictions/epoch_NNNN.npz`` with per-sample scores.
         batch_size: inference batch size of the audit pass.
         n_jobs: threads fitting the feature/attack pairs in parallel (worth it for MLP / forest / XGBoost).
         dirpath: the run directory ``mia/`` goes into; default: the first logger's ``log_dir``.
-        log_histograms: TensorBoard histograms of member / non-member scores.
-        report_at_end: write ``mia/report.md`` and figures when fitting ends.
-        verbose: print a summary line per audit and a progress bar for long extractions.
+        log_histograms, report_at_end, verbose: score histograms in TensorBoard; ``mia/report.md`` at fit end; a
+            summary per audit and a progress bar for long extractions.
         ood_sources: out-of-distribution non-members; known: gaussian, rotated, inverted, dataset (``{name: dataset,
             datamodule: {name: fashion_mnist}}``): their FAR is logged as ``mia/{feature}/{attack}/ood_{source}/far``.
         ood_samples: samples per OOD source.
-        calibrate: feature tags to also attack difficulty-calibrated, as ``{tag}_calibrated`` = value now minus
-            the sample's value at ``reference_epoch`` (a LiRA-style per-sample reference without shadow models).
-        reference_epoch: the first audited epoch at or after it is the reference of ``calibrate``.
+        calibrate, reference_epoch: feature tags also attacked as ``{tag}_calibrated`` = value now minus the value
+            at the first audit at or after ``reference_epoch`` (a per-sample reference without shadow models).
         audit_file: an ``audit.json`` of an earlier run, to audit exactly the same samples again.
         check_overlap: refuse non-members identical to training samples (hashes every training input once).
-        member_dataset: ``(x, y, index)`` dataset of members, for datamodules without ``member_dataset()``.
-        nonmember_dataset: likewise for non-members (``nonmember_dataset()``).
+        member_dataset, nonmember_dataset: ``(x, y, index)`` datasets, for datamodules without their methods.
         exposed_top_k: write the most exposed members and false alarms of each audit (``mia/exposed/``, and a
             TensorBoard image grid when the data can be shown); 0: off.
         canary_guesses: "in" and "out" guesses each of the one-run audit when the datamodule has canaries
@@ -79,12 +73,9 @@ class MembershipInferenceMonitor(Callback):
             ``{count: 8, mode: online}``) for the reference-model attacks ``lira`` and ``rmia``.
 
     Example:
-        >>> from lightning_mia.callbacks import MembershipInferenceMonitor
         >>> from lightning_mia.protocols import StandardProtocol
         >>> monitor = MembershipInferenceMonitor(every_n_epochs=2, features=["confidence", "loss"],
-        ...                                      attacks=["threshold", "logistic_regression"],
-        ...                                      protocol=StandardProtocol(repeats=3))
-        >>> # pl.Trainer(callbacks=[monitor]).fit(model, datamodule=dm)
+        ...                                      protocol=StandardProtocol(repeats=3))  # Trainer(callbacks=[monitor])
     """
 
     def __init__(
@@ -164,6 +155,7 @@ class MembershipInferenceMonitor(Callback):
         self._ood: Dict[str, Any] = {}
         self._writer: Optional[RunWriter] = None
         self._seen_epoch, self._held, self._resume = -1, {}, AuditResume()
+        self._previous_run_dir: Optional[str] = None  # the run directory a resumed checkpoint recorded
         self._canaries: Optional[Tuple[Any, np.ndarray]] = None
         #: wall time of each audit on this rank: extraction (incl. gather), attacks (incl. broadcast), writing
         self.timings: List[Dict[str, float]] = []
@@ -178,7 +170,8 @@ class MembershipInferenceMonitor(Callback):
         # plain Python types only: LightningCLI resumes with torch.load(weights_only=True)
         return {"pool": None if self.pool is None else self.pool.to_dict(), "last_epoch": self.last_epoch,
                 "seed": self.seed, "fingerprint": self._resume.current, **self.auditor.state_dict(),
-                "references": None if self._refs is None else self._refs.state_dict()}
+                "references": None if self._refs is None else self._refs.state_dict(),
+                "run_dir": self._writer.layout.run_dir if self._writer is not None else self._previous_run_dir}
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: Any) -> None:
         self._resume.on_load_checkpoint(checkpoint, self.state_key)  # also finds a state filed under another key
@@ -187,6 +180,7 @@ class MembershipInferenceMonitor(Callback):
         if state_dict.get("pool") is not None:
             self.pool = AuditPool.from_dict(state_dict["pool"])
         self.last_epoch = int(state_dict.get("last_epoch", -1))
+        self._previous_run_dir = state_dict.get("run_dir")
         self.auditor.load_state_dict(state_dict)
         if self._refs is not None and state_dict.get("references") is not None:
             self._refs.load_state_dict(state_dict["references"])
@@ -221,7 +215,8 @@ class MembershipInferenceMonitor(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._skip_run(trainer):
             return
-        self._resume.resolve(self, trainer, run_dir(trainer, self.dirpath))  # every rank: continue, fresh or raise
+        # every rank: the run directory (rank zero's, broadcast), then continue, fresh or raise
+        self._resume.resolve(self, trainer, resolve_run_dir(trainer, self.dirpath, self._previous_run_dir))
         if self._refs is not None:  # after the module's own setup built its network: the references copy it
             if not self._resumed:  # a fresh audit: no reference state from a checkpoint of another audit
                 self._refs = ReferenceTrainer(self._refs.config, self.seed)
@@ -283,7 +278,8 @@ class MembershipInferenceMonitor(Callback):
         self.last_epoch, self.last_result = epoch, result
         if trainer.global_rank == 0:
             self._run_writer(trainer).write(result, self.protocol.slices, self._datasets(trainer),
-                                            getattr(getattr(trainer, "datamodule", None), "class_names", None))
+                                            getattr(getattr(trainer, "datamodule", None), "class_names", None),
+                                            step=lightning_step(trainer))
         self._held = privacy_metrics(result)
         if log:
             log_privacy_metrics(pl_module, self._held)
@@ -320,6 +316,13 @@ class MembershipInferenceMonitor(Callback):
     def _datasets(self, trainer: "pl.Trainer") -> Tuple[Any, Any]:
         return audit_datasets(trainer, self._member_dataset, self._nonmember_dataset)
 
-    @staticmethod
-    def _skip_run(trainer: "pl.Trainer") -> bool:
+    def _skip_run(self, trainer: "pl.Trainer") -> bool:
+        if trainer.fast_dev_run and not getattr(self, "_said_skipped", False):
+            self._said_skipped = True
+            rank_zero_info("MembershipInferenceMonitor: skipped under fast_dev_run (a smoke test of a few batches: no "
+                           "audit, no files); run without fast_dev_run to audit", trainer)
         return bool(trainer.sanity_checking or trainer.fast_dev_run)
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        if trainer.global_rank == 0 and self._writer is not None:  # a SIGTERM, Ctrl+C or an error: what was saved
+            print("\n".join(interrupt_hint(self._writer.layout.run_dir, self.last_epoch, exception)), flush=True)

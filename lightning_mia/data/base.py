@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from lightning_mia import compat
 from lightning_mia.validation import check_int
 
 from .canaries import CanaryConfig, draw_canaries
@@ -228,8 +228,12 @@ def seeded_subset(n_total: int, n: int, seed: int, stream: int) -> np.ndarray:
 _STREAM_SPLIT, _STREAM_TRAIN_SUBSET, _STREAM_HELDOUT_SUBSET = 0, 1, 2
 
 
-class MIADataModule(pl.LightningDataModule):
+class MIADataModule(compat.LightningDataModule):
     """Base datamodule: a train split (members) and a held-out split (non-members), items ``(x, y, index)``.
+
+    A LightningDataModule of both Lightning packages (``pytorch_lightning`` and ``lightning.pytorch``, whichever
+    are installed): it and every subclass work with either package's Trainer and LightningCLI
+    (:mod:`lightning_mia.compat`).
 
     Subclasses implement :meth:`_load_splits` (and optionally :meth:`_train_transform`); this class takes
     care of subsets, canaries, data loaders and seeding.
@@ -427,6 +431,10 @@ class MIADataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         """The held-out split, in order (same as validation: there is no third split)."""
+        return self._loader(self.nonmember_dataset(), self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The held-out split, in order (``trainer.predict(model, datamodule=dm)``)."""
         return self._loader(self.nonmember_dataset(), self.eval_batch_size, shuffle=False)
 
 
