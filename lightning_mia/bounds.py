@@ -446,6 +446,14 @@ def epsilon_lower_bound(
 # --------------------------------------------------------------------------------------------------
 # One training run (Steinke, Nasr & Jagielski, NeurIPS 2023)
 # --------------------------------------------------------------------------------------------------
+def _guess_counts(guesses_correct: Any, guesses_made: Any, m: Any) -> Tuple[int, int, int]:
+    """``(correct, made, m)`` as integers with ``0 <= correct <= made <= m``."""
+    v, r, m_ = _as_int(guesses_correct, "guesses_correct"), _as_int(guesses_made, "guesses_made"), _as_int(m, "m")
+    if not (0 <= v <= r <= m_):
+        raise ValueError(f"need 0 <= guesses_correct <= guesses_made <= m, got {v}, {r}, {m_}")
+    return v, r, m_
+
+
 def one_run_p_value(
     guesses_correct: int, guesses_made: int, m: int, epsilon: float, delta: float = 0.0
 ) -> float:
@@ -473,11 +481,7 @@ def one_run_p_value(
         >>> round(one_run_p_value(10, 10, 100, 0.0), 6)    # 10/10 correct by coin flips: 2**-10
         0.000977
     """
-    v = _as_int(guesses_correct, "guesses_correct")
-    r = _as_int(guesses_made, "guesses_made")
-    m_ = _as_int(m, "m")
-    if not (0 <= v <= r <= m_):
-        raise ValueError(f"need 0 <= guesses_correct <= guesses_made <= m, got {v}, {r}, {m_}")
+    v, r, m_ = _guess_counts(guesses_correct, guesses_made, m)
     eps = float(epsilon)
     if not (eps >= 0) or math.isnan(eps):
         raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
@@ -531,11 +535,7 @@ def one_run_epsilon_bound(
         >>> bool(np.isnan(one_run_epsilon_bound(4, 4, 1000)))     # 4/4 correct still has p = 1/16
         True
     """
-    v = _as_int(guesses_correct, "guesses_correct")
-    r = _as_int(guesses_made, "guesses_made")
-    m_ = _as_int(m, "m")
-    if not (0 <= v <= r <= m_):
-        raise ValueError(f"need 0 <= guesses_correct <= guesses_made <= m, got {v}, {r}, {m_}")
+    v, r, m_ = _guess_counts(guesses_correct, guesses_made, m)
     d = _check_delta(delta)
     p = 1.0 - _check_confidence(confidence)
     if r == 0 or not _p_value(m_, r, r, 0.0, d) < p:
