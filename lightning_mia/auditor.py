@@ -26,6 +26,7 @@ import numpy as np
 from lightning_mia.membership import MembershipData, finite_rows
 from lightning_mia.protocols import AttackProtocol, StandardProtocol, build_protocol
 from lightning_mia.registry import Spec, SpecLike
+from lightning_mia.threads import blas_limits
 
 __all__ = ["AuditResult", "Auditor", "audit_arrays", "run_attacks", "target_metrics"]
 
@@ -95,7 +96,7 @@ def run_attacks(
     Rows whose feature values are not finite (a diverged model, a failed boundary walk) are excluded from that
     feature's attacks, counted in ``n_dropped`` and warned about. Pairs the protocol cannot run (e.g. the
     threshold attack on a wide feature) are listed in ``skipped``. ``n_jobs > 1`` fits the feature/attack pairs
-    in that many threads (same numbers as ``n_jobs=1``). ``kinds`` maps feature tags to registered names.
+    in that many threads, one BLAS thread each (same numbers as ``n_jobs=1``). ``kinds`` maps feature tags to registered names.
     """
     kinds = dict(kinds or {})
     n = data.n
@@ -123,10 +124,11 @@ def run_attacks(
 
     if n_jobs > 1 and len(jobs) > 1:
         # threads: the heavy parts (sklearn/xgboost fits, BLAS) release the GIL; every job is seeded on its own,
-        # so the numbers do not depend on n_jobs
+        # so the numbers do not depend on n_jobs. One BLAS thread per job, set here: OpenBLAS ignores limits set
+        # from the worker threads (lightning_mia.threads)
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=n_jobs) as pool:
+        with blas_limits(1), ThreadPoolExecutor(max_workers=n_jobs) as pool:
             outputs = list(pool.map(run, jobs))
     else:
         outputs = [run(job) for job in jobs]

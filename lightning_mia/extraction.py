@@ -33,6 +33,18 @@ def _indexed_batches(loader: DataLoader, where: str) -> Iterator[Any]:
         yield batch[0], batch[1], batch[2]
 
 
+def _batches_of(dataset: Dataset, positions: np.ndarray, batch_size: int, where: str) -> Iterator[Any]:
+    """``(x, y, index)`` batches of ``dataset[positions]``: an in-memory split without a transform (the package's
+    :class:`~lightning_mia.data.IndexedTensorDataset`) gives each batch in one slice (``items_at``, the same values as
+    item by item); any other dataset goes through a ``DataLoader``."""
+    if getattr(dataset, "transform", True) is None and callable(getattr(dataset, "items_at", None)):
+        for start in range(0, len(positions), batch_size):
+            yield dataset.items_at(positions[start:start + batch_size])
+        return
+    loader = DataLoader(Subset(dataset, positions.tolist()), batch_size=batch_size, shuffle=False, num_workers=0)
+    yield from _indexed_batches(loader, where)
+
+
 def extract_pass(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -58,9 +70,8 @@ def extract_pass(
     positions = np.asarray(positions, dtype=np.int64)
     if len(positions):
         check_item(dataset[int(positions[0])], where)
-    loader = DataLoader(Subset(dataset, positions.tolist()), batch_size=batch_size, shuffle=False, num_workers=0)
-    a = run_extraction(model, _indexed_batches(loader, where), features, device=device, progress=progress,
-                       forward=forward, stop_check=stop_check)
+    a = run_extraction(model, _batches_of(dataset, positions, batch_size, where), features, device=device,
+                       progress=progress, forward=forward, stop_check=stop_check)
     n = len(positions)
     return MembershipData(features={tag: a[f"feat:{tag}"] for tag in features}, is_member=np.full(n, is_member),
                           correct=a["correct"], label=a["label"], loss=a["loss"], pred=a["pred"], index=a["index"],

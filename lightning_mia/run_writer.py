@@ -233,12 +233,13 @@ class RunWriter:
                                                              r["position"]) for r in rows]
         if all(im is None for im in images):
             return  # the data cannot be shown: indices only (the CSV)
+        from PIL import Image  # a matplotlib dependency
+
         from lightning_mia.report.plots import figure_to_array
 
-        fig = exposed_figure(rows, images, result.epoch, class_names)
-        pixels = figure_to_array(fig)
+        pixels = figure_to_array(exposed_figure(rows, images, result.epoch, class_names))  # drawn once
         buf = io.BytesIO()
-        fig.savefig(buf, format="png")
+        Image.fromarray(pixels).save(buf, format="png")  # the same pixels; savefig would lay out and draw again
         atomic_write_bytes(self.layout.exposed(result.epoch, "png"), buf.getvalue())
         writer = self.tensorboard
         if writer is not None:

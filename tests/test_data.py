@@ -669,3 +669,52 @@ def test_no_module_level_torchvision_import():
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             assert not any(n.split(".")[0] == "torchvision" for n in names), f"{path.name} imports torchvision"
+
+
+def test_items_at_equals_collating_items_one_by_one():
+    # the audit pass reads whole batches with items_at; reference: torch's default collate of dataset[i]
+    from torch.utils.data import default_collate
+
+    from lightning_mia.data import IndexedTensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    ds = IndexedTensorDataset(torch.randint(0, 256, (20, 3, 5, 5), dtype=torch.uint8, generator=g),
+                              torch.randint(0, 4, (20,), generator=g), indices=torch.arange(100, 120),
+                              mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3])
+    pos = np.array([7, 0, 19, 7, 3])
+    want = default_collate([ds[int(i)] for i in pos])
+    for got, ref in zip(ds.items_at(pos), want):
+        assert got.dtype == ref.dtype and torch.equal(got, ref)
+    with pytest.raises(ValueError, match="without a transform"):
+        ds.with_transform(lambda x, generator: x).items_at(pos)
+
+
+def test_the_audit_pass_gives_the_same_arrays_with_or_without_the_batch_path():
+    from lightning_mia.data import IndexedTensorDataset
+    from lightning_mia.extraction import extract_pass
+    from lightning_mia.features import FEATURES
+    from lightning_mia.models import build_model
+
+    class ItemsOnly(torch.utils.data.Dataset):  # hides items_at: the DataLoader path
+        def __init__(self, ds):
+            self.ds, self.transform = ds, None
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            return self.ds[i]
+
+    g = torch.Generator().manual_seed(1)
+    ds = IndexedTensorDataset(torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=g),
+                              torch.randint(0, 10, (40,), generator=g), mean=[0.3], std=[0.3])
+    torch.manual_seed(0)
+    model = build_model("lenet", num_classes=10, input_shape=(1, 28, 28))
+    feats = {s.tag: FEATURES.build(s) for s in FEATURES.resolve_all(["confidence", "loss", "gradient_norms"])}
+    pos = np.array([3, 1, 4, 15, 9, 26, 5, 35, 8, 39, 7])
+    fast = extract_pass(model, ds, pos, feats, batch_size=4)
+    slow = extract_pass(model, ItemsOnly(ds), pos, feats, batch_size=4)
+    for tag in feats:
+        np.testing.assert_array_equal(fast.features[tag], slow.features[tag])
+    for name in ("label", "loss", "pred", "index", "correct"):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name))

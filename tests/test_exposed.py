@@ -38,11 +38,20 @@ def test_exposed_csv_matches_the_saved_scores_and_the_grid_is_an_image(tmp_path)
     assert [e.step for e in acc.Images("mia_roc/all")] == [0, 1]  # the first audit, and the last at fit end
 
 
-def test_exposed_figure_has_one_panel_per_sample():
+def test_exposed_figure_shows_every_sample_once_with_its_label():
     from lightning_mia.report.exposed import exposed_figure
 
-    rows = [{"kind": k, "index": i, "label": 0, "predicted": 1, "score": 0.5, "feature": "f", "attack": "a"}
-            for k in ("member", "false_alarm") for i in range(3)]
-    fig = exposed_figure(rows, [np.full((8, 8, 3), 0.5)] * 6, epoch=2)
-    shown = [ax for ax in fig.axes if ax.images]
-    assert len(shown) == 6
+    rows = [{"kind": k, "index": 10 * r + i, "label": 0, "predicted": 1, "score": 0.5, "feature": "f", "attack": "a"}
+            for r, k in enumerate(("member", "false_alarm")) for i in range(3)]
+    fills = [0.1, 0.2, 0.3, 0.6, 0.7, 0.8]  # one distinct grey per sample
+    fig = exposed_figure(rows, [np.full((8, 8, 3), v) for v in fills], epoch=2)
+    (ax,) = [ax for ax in fig.axes if ax.images]
+    mosaic = np.asarray(ax.images[0].get_array())
+    for v in fills:  # each image pasted whole, exactly once
+        ys, xs = np.nonzero(np.isclose(mosaic[..., 0], v))
+        assert len(ys) == 64 and np.ptp(ys) == 7 and np.ptp(xs) == 7
+    member_rows = {int(np.nonzero(np.isclose(mosaic[..., 0], v))[0][0]) for v in fills[:3]}
+    alarm_rows = {int(np.nonzero(np.isclose(mosaic[..., 0], v))[0][0]) for v in fills[3:]}
+    assert len(member_rows) == len(alarm_rows) == 1 and min(member_rows) < min(alarm_rows)  # members on top
+    labels = " ".join(t.get_text() for t in ax.texts)
+    assert all(f"#{r['index']} " in labels for r in rows)

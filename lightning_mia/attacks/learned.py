@@ -7,13 +7,13 @@ because the audit refits attacks every few epochs.
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
 from lightning_mia.attacks.base import ATTACKS, Attack, check_choice, check_int
+from lightning_mia.threads import blas_limits
 
 __all__ = [
     "LogisticRegressionAttack",
@@ -55,7 +55,8 @@ class _ProbaAttack(Attack):
 
     ``blas_threads`` caps the BLAS threads while fitting/scoring (``None`` = library default).  The
     attack matrices are small, and multi-threaded OpenBLAS on a busy 2-core machine made the MLP
-    ~10x slower (measured: 14 s vs 1.2 s for 8k x 10 rows), so the default is 1.
+    ~10x slower (measured: 14 s vs 1.2 s for 8k x 10 rows), so the default is 1; it also leaves no
+    OpenBLAS worker busy-waiting after the fit (:mod:`lightning_mia.threads`).
     """
 
     def __init__(self, standardize: bool, seed: int, blas_threads: Optional[int] = 1) -> None:
@@ -77,11 +78,8 @@ class _ProbaAttack(Attack):
         return self.scaler_.transform(X)
 
     def _blas(self):
-        if self.blas_threads is None:
-            return contextlib.nullcontext()
-        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
-
-        return threadpool_limits(limits=self.blas_threads, user_api="blas")
+        # one cached controller, and safe when Auditor(n_jobs > 1) fits attacks in overlapping threads
+        return blas_limits(self.blas_threads)
 
     def _fit(self, X: np.ndarray, y: np.ndarray, sample_weight: Optional[np.ndarray]) -> None:
         Xs = self._prepare(X, fit=True)

@@ -5,6 +5,7 @@ itself is :class:`lightning_mia.auditor.Auditor` and the files are :class:`light
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
@@ -161,7 +162,7 @@ class MembershipInferenceMonitor(Callback):
         self.timings: List[Dict[str, float]] = []
 
     # ------------------------------------------------------------------ Lightning state
-    @property
+    @functools.cached_property  # Lightning reads it on every hook call (six per training step)
     def state_key(self) -> str:
         return self._generate_state_key(every_n_epochs=self.every_n_epochs, seed=self.seed,
                                         features=[s.tag for s in self.features])

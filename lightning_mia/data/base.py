@@ -209,6 +209,17 @@ class IndexedTensorDataset(Dataset):
         out.data, out.targets, out.indices = self.data[pos], self.targets[pos], self.indices[pos]
         return out
 
+    def items_at(self, positions: Union[Sequence[int], torch.Tensor, np.ndarray]
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The items at ``positions`` as one batch, equal bit for bit to collating ``self[i]`` one by one; only
+        without a transform (the transform draws per item). The audit pass reads batches this way: a Python call
+        and a collate per sample were about 40% of a LeNet audit pass."""
+        if self.transform is not None:
+            raise ValueError("items_at() is for datasets without a transform; index items one by one")
+        pos = torch.as_tensor(np.asarray(positions), dtype=torch.int64)
+        x = (self.data[pos].to(torch.float32) * self.input_scale - self.mean) / self.std
+        return x, self.targets[pos], self.indices[pos]
+
     def tensors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All items at once, without the transform: ``(x (N,C,H,W) float32, y (N,), index (N,))``."""
         x = (self.data.to(torch.float32) * self.input_scale - self.mean) / self.std
