@@ -28,6 +28,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/monitor_overhead.py
+	$(PY) benchmarks/audit_after_effect.py
 	$(PY) benchmarks/features.py --quick
 	$(PY) benchmarks/attacks.py --quick
 

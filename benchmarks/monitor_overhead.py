@@ -301,6 +301,9 @@ def main() -> None:
     print(f"process CPU time ratio: {s['cpu_ratio']:.3f}x;   per-round epoch ratios (load drift): "
           + " ".join(f"{x:.3f}" for x in s["round_ratios"]))
     print(f"timer ratio: {s['timer_ratio']:.3f}x (baseline epoch + the monitor's timers)")
+    hide = (s["parts"]["attack_s"] + s["parts"]["write_s"]) / args.every / s["base_epoch_s"]
+    print(f"overlapping the attack fits and writes with the next epoch could hide at most {100 * hide:.1f}% of an "
+          "epoch (their timers; extraction needs the model of its own epoch)")
     print(f"epoch-time ratio: {s['epoch_ratio']:.3f}x   difference epoch - timer: {s['gap']:+.3f} "
           f"(target <= {TARGET_RATIO:.2f}x, difference within {TARGET_GAP})")
     if "paired" in s:
