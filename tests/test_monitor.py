@@ -393,3 +393,27 @@ def test_frozen_batchnorm_stays_frozen_through_audits(tmp_path):
     assert monitor.last_epoch == 2 and len(monitor.timings) == 3  # audited every epoch
     assert net.checked_steps == 3 * 3  # every training step of epochs 1 and 2 ran after an audit
     torch.testing.assert_close(net.bn.running_mean, running_mean)  # frozen statistics never updated
+
+
+def test_the_monitor_leaves_training_unchanged(tmp_path):
+    # the audit runs the model in eval mode on its own RNG streams: the weights after training with the monitor
+    # equal those of the same fit without it (reference), bit for bit
+    def train(callbacks, name):
+        torch.manual_seed(0)
+        dm = SyntheticDataModule(input_shape=(1, 12, 12), num_classes=3, n_train=160, n_heldout=96, signal=1.0,
+                                 batch_size=32, seed=0)
+        # dropout would show a draw from the global RNG, BatchNorm a running statistic the audit moved
+        model = ImageClassifier("densenet", optimizer="adam", lr=1e-3,
+                                model_kwargs={"depth": 10, "growth_rate": 4, "drop_rate": 0.2})
+        tiny_trainer(tmp_path / name, callbacks, max_epochs=3).fit(model, datamodule=dm)
+        return model.state_dict()
+
+    plain = train([], "plain")
+    monitor = MembershipInferenceMonitor(features=["confidence", "loss", "gradient_norms"],
+                                         attacks=["threshold", "logistic_regression"], every_n_epochs=1,
+                                         protocol=StandardProtocol(repeats=2), verbose=False, report_at_end=False)
+    audited = train([monitor], "audited")
+    assert monitor.last_epoch == 2 and len(monitor.timings) == 3
+    assert plain.keys() == audited.keys()
+    for k in plain:
+        assert torch.equal(plain[k], audited[k]), k
