@@ -16,7 +16,7 @@ fit pays one-off warm-up costs and is not counted. Prints:
   every third epoch, each audited epoch and the one after it compared with the clean epoch next to them. On a shared
   machine whose load swings whole fits by 15-30%, it is the figure that can resolve a few per cent.
 
-    python benchmarks/monitor_overhead.py                       # the issue's configuration, 3 rounds x 3 epochs
+    python benchmarks/monitor_overhead.py                       # the issue's configuration, 4 rounds x 3 epochs
     python benchmarks/monitor_overhead.py --threads 1           # on a loaded machine (see the note it prints)
     python benchmarks/monitor_overhead.py --features confidence,loss,gradient_norms --every 5
     python benchmarks/monitor_overhead.py --quick               # 12k training images, 2k audit pool
@@ -244,7 +244,8 @@ def paired(args) -> Dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3, help="fits per arm, interleaved (default 3)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="fits per arm, interleaved ABBA (default 4; an even count balances the arms' positions)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per fit; the first is not counted (default 3)")
     p.add_argument("--features", default="confidence", help="comma-separated monitor features")
     p.add_argument("--attacks", default="logistic_regression", help="comma-separated monitor attacks")
