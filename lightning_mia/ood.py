@@ -1,6 +1,6 @@
-"""Out-of-distribution non-member sources for the false-alarm probe (Rezaei & Liu, "Accuracy-privacy trade-off"
-companion finding, ../shared/papers/001: prediction scores are overconfident far from the data, so an attack
-calls many inputs that were never near the training set "members").
+"""Out-of-distribution non-member sources for the false-alarm probe (Hintersdorf, Struppek & Kersting, "Do Not Trust
+Prediction Scores for Membership Inference Attacks", 2021: prediction scores are overconfident far from the data,
+so an attack calls many inputs that were never near the training set "members").
 
 Each source builds, from the audit's held-out data, a dataset of ``(x, y, index)`` items of the model's input
 shape. ``y = -1`` means "no label": features that need a label then use the model's predicted class.
