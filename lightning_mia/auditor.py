@@ -96,7 +96,8 @@ def run_attacks(
     Rows whose feature values are not finite (a diverged model, a failed boundary walk) are excluded from that
     feature's attacks, counted in ``n_dropped`` and warned about. Pairs the protocol cannot run (e.g. the
     threshold attack on a wide feature) are listed in ``skipped``. ``n_jobs > 1`` fits the feature/attack pairs
-    in that many threads, one BLAS thread each (same numbers as ``n_jobs=1``). ``kinds`` maps feature tags to registered names.
+    in that many threads, one BLAS thread each (same numbers as ``n_jobs=1``). ``kinds`` maps feature tags to
+    registered names.
     """
     kinds = dict(kinds or {})
     n = data.n

@@ -74,8 +74,9 @@ def test_bad_limit_is_refused():
             pass
 
 
-def test_learned_attacks_fit_under_the_cap_and_leave_the_limits(two_blas_threads, monkeypatch):
-    from lightning_mia.attacks import build_attack
+@pytest.fixture
+def fit_thread_counts(monkeypatch):
+    """The BLAS thread counts seen inside every learned-attack fit, in order."""
     from lightning_mia.attacks import learned
 
     seen = []
@@ -86,6 +87,13 @@ def test_learned_attacks_fit_under_the_cap_and_leave_the_limits(two_blas_threads
         return real(self, model, X, y, w)
 
     monkeypatch.setattr(learned._ProbaAttack, "_fit_model", spy)
+    return seen
+
+
+def test_learned_attacks_fit_under_the_cap_and_leave_the_limits(two_blas_threads, fit_thread_counts):
+    from lightning_mia.attacks import build_attack
+
+    seen = fit_thread_counts
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(200, 3)), rng.random(200) < 0.5
     attack = build_attack({"name": "logistic_regression"})
@@ -95,19 +103,11 @@ def test_learned_attacks_fit_under_the_cap_and_leave_the_limits(two_blas_threads
     assert set(blas_thread_counts().values()) == {2}
 
 
-def test_parallel_fits_run_at_one_blas_thread_and_give_the_same_numbers(two_blas_threads, monkeypatch):
+def test_parallel_fits_run_at_one_blas_thread_and_give_the_same_numbers(two_blas_threads, fit_thread_counts):
     # n_jobs > 1 fits in threads, where a block cannot set the cap: the auditor sets it around the pool
-    from lightning_mia.attacks import learned
     from lightning_mia.auditor import audit_arrays
 
-    seen = []
-    real = learned._ProbaAttack._fit_model
-
-    def spy(self, model, X, y, w):
-        seen.append(set(blas_thread_counts().values()))
-        return real(self, model, X, y, w)
-
-    monkeypatch.setattr(learned._ProbaAttack, "_fit_model", spy)
+    seen = fit_thread_counts
     rng = np.random.default_rng(1)
     feats = {"a": rng.normal(size=(300, 4)), "b": rng.normal(size=(300, 2))}
     member = rng.random(300) < 0.5

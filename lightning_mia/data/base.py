@@ -217,12 +217,15 @@ class IndexedTensorDataset(Dataset):
         if self.transform is not None:
             raise ValueError("items_at() is for datasets without a transform; index items one by one")
         pos = torch.as_tensor(np.asarray(positions), dtype=torch.int64)
-        x = (self.data[pos].to(torch.float32) * self.input_scale - self.mean) / self.std
-        return x, self.targets[pos], self.indices[pos]
+        return self._normalised(self.data[pos]), self.targets[pos], self.indices[pos]
+
+    def _normalised(self, data: torch.Tensor) -> torch.Tensor:
+        """Stored rows as the model sees them, without the transform (the same float ops as :meth:`__getitem__`)."""
+        return (data.to(torch.float32) * self.input_scale - self.mean) / self.std
 
     def tensors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All items at once, without the transform: ``(x (N,C,H,W) float32, y (N,), index (N,))``."""
-        x = (self.data.to(torch.float32) * self.input_scale - self.mean) / self.std
+        x = self._normalised(self.data)
         return x, self.targets.clone(), self.indices.clone()
 
 
